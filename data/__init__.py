@@ -1,0 +1,1 @@
+"""Data: corpus readers, SentencePiece tokenizers and Grain pipelines."""
