@@ -1,0 +1,17 @@
+"""The network's math: pure Flax linen modules, no I/O.
+
+  from model import get_preset, EncoderDecoder, DecoderLM
+  cfg = get_preset('transformer_base', vocab_size=37000)
+  logits = EncoderDecoder(cfg).apply(variables, inputs, targets)
+"""
+
+from model.config import (TransformerConfig, config_from_dict, get_preset,
+                          preset_names)
+from model.transformer import (Decoder, DecoderLM, Encoder, EncoderDecoder,
+                               init_cache, shift_right)
+
+__all__ = [
+    'TransformerConfig', 'config_from_dict', 'get_preset', 'preset_names',
+    'Encoder', 'Decoder', 'EncoderDecoder', 'DecoderLM', 'init_cache',
+    'shift_right',
+]

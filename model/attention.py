@@ -1,0 +1,205 @@
+"""Scaled dot-product and multi-head attention, masks, and the KV cache.
+
+Shape legend: b batch, q query length, s key/value length, d d_model,
+h heads, k head dim.
+
+Masks are boolean [b, 1, q, s] (True = may attend) and are applied with a
+select against the most negative float32, never by adding a large constant, so
+bf16/fp16 inputs stay finite. Softmax runs in float32.
+
+Decode mode (`config.decode`): self-attention appends the new token's key and
+value to a cache of length L (fixed when the cache is initialised with a
+full-length call) at `decode_index`; cross-attention projects the encoder
+output once, at index 0, and reuses it for every later step.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from model.config import TransformerConfig
+from model.layers import apply_rotary, bias_init
+
+Array = jax.Array
+_NEG = jnp.finfo(jnp.float32).min
+
+
+def causal_mask(length: int) -> Array:
+  """[1, 1, l, l]: query i may attend to keys j <= i."""
+  idx = jnp.arange(length)
+  return (idx[:, None] >= idx[None, :])[None, None]
+
+
+def padding_mask(query_valid: Array, key_valid: Array) -> Array:
+  """query_valid [b, q], key_valid [b, s] (bool) -> [b, 1, q, s]."""
+  return query_valid[:, None, :, None] & key_valid[:, None, None, :]
+
+
+def segment_mask(query_segments: Array, key_segments: Array) -> Array:
+  """Packed rows: attend only within the same segment. [b, q], [b, s] -> [b, 1, q, s]."""
+  return query_segments[:, None, :, None] == key_segments[:, None, None, :]
+
+
+def dot_product_attention(query: Array, key: Array, value: Array,
+                          mask: Array | None, *, dropout_rate: float = 0.0,
+                          dropout_rng: Array | None = None,
+                          impl: str = 'xla') -> Array:
+  """softmax(q k^T / sqrt(k)) v.  q [b,q,h,k], k/v [b,s,h,k], mask [b,1,q,s] -> [b,q,h,k]."""
+  if impl == 'cudnn' and dropout_rng is None:
+    # Fused flash-style kernel (Hopper/Ampere); same math, no [q, s] matrix
+    # in memory.
+    return jax.nn.dot_product_attention(query, key, value, mask=mask,
+                                        implementation='cudnn')
+  depth = query.shape[-1]
+  query = query / jnp.sqrt(jnp.asarray(depth, query.dtype))
+  logits = jnp.einsum('bqhk,bshk->bhqs', query, key,
+                      preferred_element_type=jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, _NEG)
+  weights = jax.nn.softmax(logits, axis=-1)
+  if dropout_rng is not None and dropout_rate > 0.0:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  weights = weights.astype(value.dtype)
+  return jnp.einsum('bhqs,bshk->bqhk', weights, value)
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention (paper 3.2.2) with rotary positions and a KV cache.
+
+  Attributes:
+    config: the model config.
+    kind: 'self' (encoder/decoder self-attention; cached in decode mode when
+      `causal`), or 'cross' (decoder attending to the encoder output).
+    causal: causal self-attention (decoder); enables the KV cache in decode.
+  """
+  config: TransformerConfig
+  kind: str = 'self'
+  causal: bool = False
+
+  def _proj_params(self, name, shape, axes, in_axis, out_axis):
+    cfg = self.config
+    init = nn.with_logical_partitioning(
+        nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform',
+                                         in_axis=in_axis, out_axis=out_axis),
+        axes)
+    kernel = self.param(f'{name}_kernel', init, shape, cfg.params_dtype)
+    bias = None
+    if cfg.use_bias:
+      bshape = shape[1:] if name != 'out' else shape[-1:]
+      bias = self.param(f'{name}_bias', bias_init(axes[1:] if name != 'out'
+                                                  else axes[-1:]),
+                        bshape, cfg.params_dtype)
+    return kernel, bias
+
+  def _project_in(self, name: str, x: Array) -> Array:
+    """x [b, l, d] -> [b, l, h, k]."""
+    cfg = self.config
+    kernel, bias = self._proj_params(
+        name, (cfg.d_model, cfg.num_heads, cfg.head_dim_),
+        ('embed', 'heads', 'kv'), 0, (1, 2))
+    y = jnp.einsum('bld,dhk->blhk', x, jnp.asarray(kernel, cfg.compute_dtype))
+    if bias is not None:
+      y = y + jnp.asarray(bias, cfg.compute_dtype)
+    return nn.with_logical_constraint(y, ('batch', 'length', 'heads', 'kv'))
+
+  @nn.compact
+  def __call__(self, x_q: Array, x_kv: Array, mask: Array | None, *,
+               q_positions: Array | None = None,
+               kv_positions: Array | None = None,
+               decode_index: Array | None = None) -> Array:
+    """x_q [b, q, d], x_kv [b, s, d], mask [b, 1, q, s] -> [b, q, d].
+
+    In decode mode `decode_index` is the position of the single query token.
+    """
+    cfg = self.config
+    x_q = x_q.astype(cfg.compute_dtype)
+    x_kv = x_kv.astype(cfg.compute_dtype)
+    query = self._project_in('query', x_q)
+    rotary = cfg.positions == 'rotary' and self.kind == 'self'
+    if rotary:
+      query = apply_rotary(query, q_positions, cfg.rotary_base)
+
+    if self.kind == 'cross' and cfg.decode:
+      key, value = self._cross_cache(x_kv, decode_index)
+    else:
+      key = self._project_in('key', x_kv)
+      value = self._project_in('value', x_kv)
+      if rotary:
+        key = apply_rotary(key, kv_positions, cfg.rotary_base)
+      if self.kind == 'self' and self.causal and cfg.decode:
+        key, value, mask = self._self_cache(key, value, mask, decode_index)
+
+    dropout_rng = None
+    if not cfg.deterministic and cfg.attention_dropout_rate > 0.0:
+      dropout_rng = self.make_rng('dropout')
+    out = dot_product_attention(query, key, value, mask,
+                                dropout_rate=cfg.attention_dropout_rate,
+                                dropout_rng=dropout_rng,
+                                impl=cfg.attention_impl)
+    kernel, bias = self._proj_params(
+        'out', (cfg.num_heads, cfg.head_dim_, cfg.d_model),
+        ('heads', 'kv', 'embed'), (0, 1), 2)
+    y = jnp.einsum('bqhk,hkd->bqd', out, jnp.asarray(kernel, cfg.compute_dtype))
+    if bias is not None:
+      y = y + jnp.asarray(bias, cfg.compute_dtype)
+    return nn.with_logical_constraint(y, ('batch', 'length', 'embed'))
+
+  def _self_cache(self, key, value, mask, decode_index):
+    """Writes this step's key/value [b, 1, h, k] at decode_index; returns the cache.
+
+    The first (initialising) call sees the full length L and only creates the
+    cache; later calls see one token each.
+    """
+    b, length, h, k = key.shape
+    decoding = self.has_variable('cache', 'cached_key')
+    cached_key = self.variable('cache', 'cached_key', jnp.zeros,
+                               (b, length, h, k), key.dtype)
+    cached_value = self.variable('cache', 'cached_value', jnp.zeros,
+                                 (b, length, h, k), value.dtype)
+    if not decoding:
+      return key, value, mask
+    if length != 1:
+      raise ValueError(f'decode mode takes one token per call, got length '
+                       f'{length}')
+    start = (0, decode_index, 0, 0)
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value,
+                                                      start)
+    max_len = cached_key.value.shape[1]
+    # The query at decode_index sees cache slots 0..decode_index.
+    mask = (jnp.arange(max_len) <= decode_index)[None, None, None, :]
+    return cached_key.value, cached_value.value, mask
+
+  def _cross_cache(self, x_kv, decode_index):
+    """Projects the encoder output at step 0 only; later steps reuse it."""
+    b, s, _ = x_kv.shape
+    cfg = self.config
+    shape = (b, s, cfg.num_heads, cfg.head_dim_)
+    initialised = self.has_variable('cache', 'cross_key')
+    ck = self.variable('cache', 'cross_key', jnp.zeros, shape, cfg.compute_dtype)
+    cv = self.variable('cache', 'cross_value', jnp.zeros, shape,
+                       cfg.compute_dtype)
+    # Parameters are read outside the cond so no module is called inside it.
+    k_kernel, k_bias = self._proj_params('key', (cfg.d_model, cfg.num_heads,
+                                                 cfg.head_dim_),
+                                         ('embed', 'heads', 'kv'), 0, (1, 2))
+    v_kernel, v_bias = self._proj_params('value', (cfg.d_model, cfg.num_heads,
+                                                   cfg.head_dim_),
+                                         ('embed', 'heads', 'kv'), 0, (1, 2))
+
+    def project(x, kernel, bias):
+      y = jnp.einsum('bld,dhk->blhk', x, jnp.asarray(kernel, cfg.compute_dtype))
+      return y if bias is None else y + jnp.asarray(bias, cfg.compute_dtype)
+
+    def compute():
+      return project(x_kv, k_kernel, k_bias), project(x_kv, v_kernel, v_bias)
+
+    if not initialised:
+      return compute()
+    key, value = jax.lax.cond(decode_index == 0, compute,
+                              lambda: (ck.value, cv.value))
+    ck.value, cv.value = key, value
+    return key, value

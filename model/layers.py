@@ -1,0 +1,156 @@
+"""Building blocks: token embedding with tied logits, positions, feed-forward, norms.
+
+Shape legend: b batch, l length, d d_model (embed), v vocab, f mlp, h heads,
+k head dim (kv). Parameters carry logical axis names (`vocab, embed, mlp,
+heads, kv, length`) through `nn.with_logical_partitioning`; the rules table that
+maps them onto the mesh lives in the experiment config.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from model.config import TransformerConfig
+
+Array = jax.Array
+
+
+def dense_init(axes):
+  """Xavier-uniform kernels (the paper's T2T/flax default) with logical axes."""
+  return nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes)
+
+
+def bias_init(axes):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+class Embed(nn.Module):
+  """Token embedding [v, d]; `attend` gives the tied output logits.
+
+  Paper 3.4: the embedding is shared with the pre-softmax projection and
+  multiplied by sqrt(d_model) on input. With `scale_embeddings` the table is
+  initialised with std d^-0.5, so scaled inputs have unit variance and the
+  logits x @ E^T start small; without it (GPT-2) std 0.02 and no scaling.
+  """
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+    std = cfg.d_model ** -0.5 if cfg.scale_embeddings else 0.02
+    self.embedding = self.param(
+        'embedding',
+        nn.with_logical_partitioning(nn.initializers.normal(stddev=std),
+                                     ('vocab', 'embed')),
+        (cfg.vocab_size, cfg.d_model), cfg.params_dtype)
+
+  def __call__(self, tokens: Array) -> Array:
+    """tokens [b, l] int32 -> [b, l, d]."""
+    cfg = self.config
+    x = jnp.take(jnp.asarray(self.embedding, cfg.compute_dtype), tokens, axis=0)
+    if cfg.scale_embeddings:
+      x = x * jnp.sqrt(jnp.asarray(cfg.d_model, cfg.compute_dtype))
+    return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+
+  def attend(self, x: Array) -> Array:
+    """x [b, l, d] -> logits [b, l, v] = x @ E^T, accumulated in float32."""
+    emb = jnp.asarray(self.embedding, self.config.compute_dtype)
+    logits = jnp.einsum('bld,vd->blv', x, emb,
+                        preferred_element_type=jnp.float32)
+    return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
+
+
+def sinusoid_encoding(positions: Array, d_model: int) -> Array:
+  """Paper 3.5: PE(p, 2i) = sin(p / 10000^(2i/d)), PE(p, 2i+1) = cos(same).
+
+  positions [b, l] (int) -> [b, l, d] float32, sin and cos interleaved.
+  """
+  inv_freq = 1.0 / (10000.0 ** (jnp.arange(0, d_model, 2) / d_model))
+  angles = positions[..., None].astype(jnp.float32) * inv_freq
+  pe = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  return pe.reshape(*positions.shape, d_model)
+
+
+class AddPositions(nn.Module):
+  """Adds absolute position encodings (sinusoidal or learned) to [b, l, d].
+
+  Rotary and 'none' add nothing here (rotary acts inside attention).
+  """
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array) -> Array:
+    cfg = self.config
+    if cfg.positions == 'sinusoidal':
+      pe = sinusoid_encoding(positions, cfg.d_model)
+    elif cfg.positions == 'learned':
+      table = self.param(
+          'pos_embedding',
+          nn.with_logical_partitioning(nn.initializers.normal(stddev=0.01),
+                                       ('length', 'embed')),
+          (cfg.max_len, cfg.d_model), cfg.params_dtype)
+      pe = jnp.take(table, positions, axis=0)
+    else:
+      return x
+    return x + pe.astype(x.dtype)
+
+
+def apply_rotary(x: Array, positions: Array, base: float) -> Array:
+  """Rotary position embedding (Su et al. 2021), rotate-half form.
+
+  x [b, l, h, k], positions [b, l] -> [b, l, h, k]; computed in float32.
+  """
+  half = x.shape[-1] // 2
+  inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, l, half]
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+class Norm(nn.Module):
+  """LayerNorm or RMSNorm over the embed axis, with logical-axis parameters."""
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    common = dict(epsilon=cfg.norm_epsilon, dtype=cfg.compute_dtype,
+                  param_dtype=cfg.params_dtype,
+                  scale_init=nn.with_logical_partitioning(
+                      nn.initializers.ones_init(), ('embed',)))
+    if cfg.norm_type == 'rmsnorm':
+      return nn.RMSNorm(**common)(x)
+    return nn.LayerNorm(bias_init=bias_init(('embed',)), **common)(x)
+
+
+class MlpBlock(nn.Module):
+  """Position-wise feed-forward: [b, l, d] -> act(x W1 + b1) W2 + b2 -> [b, l, d].
+
+  SwiGLU (Shazeer 2020) uses two input projections, silu(x W0) * (x W1).
+  """
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+
+    def dense(features, axes, name):
+      return nn.Dense(features, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+                      param_dtype=cfg.params_dtype,
+                      kernel_init=dense_init(axes), bias_init=bias_init(axes[1:]),
+                      name=name)
+
+    if cfg.activation == 'swiglu':
+      h = (nn.silu(dense(cfg.mlp_dim, ('embed', 'mlp'), 'wi_0')(x))
+           * dense(cfg.mlp_dim, ('embed', 'mlp'), 'wi_1')(x))
+    else:
+      h = dense(cfg.mlp_dim, ('embed', 'mlp'), 'wi')(x)
+      # GPT-2 uses the tanh approximation of GELU.
+      h = nn.relu(h) if cfg.activation == 'relu' else nn.gelu(h, approximate=True)
+    h = nn.with_logical_constraint(h, ('batch', 'length', 'mlp'))
+    h = nn.Dropout(cfg.activation_dropout_rate)(h, deterministic=cfg.deterministic)
+    return dense(cfg.d_model, ('mlp', 'embed'), 'wo')(h)

@@ -1,0 +1,273 @@
+"""Encoder, Decoder, EncoderDecoder (Vaswani et al. 2017) and DecoderLM (GPT).
+
+Shape legend: b batch, s source length, t target length, d d_model, v vocab.
+
+Token id 0 is padding. Packed rows carry segment ids (1, 2, ... per example,
+0 on padding) and positions restarting at 0 per example; attention never
+crosses a segment. The decoder shifts its targets right inside the model
+(start token 0, also at every packed segment start), so a batch holds the
+targets as they are scored.
+
+Decode mode (`config.decode=True`): initialise the cache with `init_cache`,
+then call `decode` (EncoderDecoder) or `__call__` (DecoderLM) with one token
+[b, 1] per step and `mutable=['cache']`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from model.attention import (MultiHeadAttention, causal_mask, padding_mask,
+                             segment_mask)
+from model.config import TransformerConfig
+from model.layers import AddPositions, Embed, MlpBlock, Norm, dense_init
+
+Array = jax.Array
+
+
+def shift_right(targets: Array, segments: Array | None = None) -> Array:
+  """[b, t] -> [b, t]: decoder inputs, 0 at the start of every segment."""
+  shifted = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+  if segments is not None:
+    prev = jnp.pad(segments, ((0, 0), (1, 0)))[:, :-1]
+    shifted = jnp.where(segments == prev, shifted, 0)
+  return shifted
+
+
+def _default_positions(tokens: Array) -> Array:
+  return jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+
+
+class _Residual(nn.Module):
+  """One sublayer with its norm, dropout and residual, pre- or post-norm."""
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array, sublayer) -> Array:
+    cfg = self.config
+    drop = nn.Dropout(cfg.dropout_rate)
+    if cfg.norm_position == 'pre':
+      y = sublayer(Norm(cfg, name='norm')(x))
+      return x + drop(y, deterministic=cfg.deterministic)
+    y = sublayer(x)
+    return Norm(cfg, name='norm')(x + drop(y, deterministic=cfg.deterministic))
+
+
+class EncoderLayer(nn.Module):
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array, positions: Array) -> Array:
+    cfg = self.config
+    attn = MultiHeadAttention(cfg, kind='self', name='self_attention')
+    x = _Residual(cfg, name='attention_block')(
+        x, lambda y: attn(y, y, mask, q_positions=positions,
+                          kv_positions=positions))
+    x = _Residual(cfg, name='mlp_block')(x, MlpBlock(cfg, name='mlp'))
+    return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+
+
+class DecoderLayer(nn.Module):
+  """Masked self-attention, optional encoder-decoder attention, feed-forward."""
+  config: TransformerConfig
+  cross_attention: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, self_mask: Array | None, positions: Array,
+               encoded: Array | None = None, cross_mask: Array | None = None,
+               decode_index: Array | None = None) -> Array:
+    cfg = self.config
+    attn = MultiHeadAttention(cfg, kind='self', causal=True,
+                              name='self_attention')
+    x = _Residual(cfg, name='attention_block')(
+        x, lambda y: attn(y, y, self_mask, q_positions=positions,
+                          kv_positions=positions, decode_index=decode_index))
+    if self.cross_attention:
+      cross = MultiHeadAttention(cfg, kind='cross', name='cross_attention')
+      x = _Residual(cfg, name='cross_block')(
+          x, lambda y: cross(y, encoded, cross_mask, decode_index=decode_index))
+    x = _Residual(cfg, name='mlp_block')(x, MlpBlock(cfg, name='mlp'))
+    return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
+
+
+def _maybe_remat(cls, config: TransformerConfig):
+  # Rematerialise per layer to trade compute for activation memory.
+  return nn.remat(cls) if config.remat and not config.decode else cls
+
+
+def _embed(config: TransformerConfig, embed: Embed, tokens: Array,
+           positions: Array, name: str) -> Array:
+  """Token embedding + positions + dropout (paper 5.4) -> [b, l, d]."""
+  x = embed(tokens)
+  x = AddPositions(config, name=f'{name}_positions')(x, positions)
+  return nn.Dropout(config.dropout_rate)(x, deterministic=config.deterministic)
+
+
+class Encoder(nn.Module):
+  """Embeds source tokens and applies the encoder stack. -> [b, s, d]."""
+  config: TransformerConfig
+  embed: Embed
+
+  @nn.compact
+  def __call__(self, inputs: Array, segments: Array | None = None,
+               positions: Array | None = None) -> Array:
+    cfg = self.config
+    positions = _default_positions(inputs) if positions is None else positions
+    valid = inputs > 0
+    mask = padding_mask(valid, valid)
+    if segments is not None:
+      mask = mask & segment_mask(segments, segments)
+    x = _embed(cfg, self.embed, inputs, positions, 'encoder')
+    layer = _maybe_remat(EncoderLayer, cfg)
+    for i in range(cfg.num_encoder_layers):
+      x = layer(cfg, name=f'layer_{i}')(x, mask, positions)
+    if cfg.norm_position == 'pre':
+      x = Norm(cfg, name='final_norm')(x)
+    return x
+
+
+class Decoder(nn.Module):
+  """The decoder stack and output logits; cross-attention iff `encoded` is given.
+
+  Training/eval: `tokens` [b, t] are the decoder inputs (already shifted).
+  Decode mode: `tokens` [b, 1] is the previous token; the position is the
+  cache's step counter.
+  """
+  config: TransformerConfig
+  embed: Embed
+  cross_attention: bool = True
+
+  @nn.compact
+  def __call__(self, tokens: Array, *, valid: Array | None = None,
+               segments: Array | None = None, positions: Array | None = None,
+               encoded: Array | None = None, encoded_valid: Array | None = None,
+               encoded_segments: Array | None = None) -> Array:
+    cfg = self.config
+    decode_index = None
+    self_mask = cross_mask = None
+    if cfg.decode:
+      index = self.variable('cache', 'decode_index',
+                            lambda: jnp.zeros((), jnp.int32))
+      if self.is_initializing():
+        positions = _default_positions(tokens)
+      else:
+        decode_index = index.value
+        index.value = decode_index + 1
+        positions = jnp.full(tokens.shape, decode_index, jnp.int32)
+      if encoded is not None:
+        cross_mask = encoded_valid[:, None, None, :]
+    else:
+      positions = _default_positions(tokens) if positions is None else positions
+      self_mask = causal_mask(tokens.shape[1])
+      if valid is not None:
+        self_mask = self_mask & padding_mask(valid, valid)
+      if segments is not None:
+        self_mask = self_mask & segment_mask(segments, segments)
+      if encoded is not None:
+        q_valid = valid if valid is not None else jnp.ones(tokens.shape, bool)
+        cross_mask = padding_mask(q_valid, encoded_valid)
+        if segments is not None and encoded_segments is not None:
+          cross_mask = cross_mask & segment_mask(segments, encoded_segments)
+
+    x = _embed(cfg, self.embed, tokens, positions, 'decoder')
+    layer = _maybe_remat(DecoderLayer, cfg)
+    for i in range(cfg.num_decoder_layers):
+      x = layer(cfg, cross_attention=self.cross_attention, name=f'layer_{i}')(
+          x, self_mask, positions, encoded, cross_mask, decode_index)
+    if cfg.norm_position == 'pre':
+      x = Norm(cfg, name='final_norm')(x)
+    if cfg.tie_output:
+      return self.embed.attend(x)
+    logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
+                      param_dtype=cfg.params_dtype,
+                      kernel_init=dense_init(('embed', 'vocab')),
+                      name='logits')(x)
+    return nn.with_logical_constraint(logits.astype(jnp.float32),
+                                      ('batch', 'length', 'vocab'))
+
+
+class EncoderDecoder(nn.Module):
+  """The Transformer for translation: logits [b, t, v] from inputs [b, s], targets [b, t]."""
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+    if cfg.share_embeddings:
+      self.shared_embedding = Embed(cfg)
+      src_embed = tgt_embed = self.shared_embedding
+    else:
+      self.source_embedding = Embed(cfg)
+      self.target_embedding = Embed(cfg)
+      src_embed, tgt_embed = self.source_embedding, self.target_embedding
+    self.encoder = Encoder(cfg, embed=src_embed)
+    self.decoder = Decoder(cfg, embed=tgt_embed, cross_attention=True)
+
+  def encode(self, inputs: Array, inputs_segmentation: Array | None = None,
+             inputs_position: Array | None = None) -> Array:
+    """inputs [b, s] -> encoded [b, s, d]."""
+    return self.encoder(inputs, inputs_segmentation, inputs_position)
+
+  def decode(self, encoded: Array, inputs: Array, targets: Array,
+             inputs_segmentation: Array | None = None,
+             targets_segmentation: Array | None = None,
+             targets_position: Array | None = None) -> Array:
+    """-> logits [b, t, v] (float32).
+
+    Training/eval: `targets` [b, t] as scored (shifted right here). Decode
+    mode: `targets` [b, 1] is the previous output token (0 at the first step).
+    """
+    if self.config.decode:
+      return self.decoder(targets, encoded=encoded, encoded_valid=inputs > 0)
+    return self.decoder(
+        shift_right(targets, targets_segmentation), valid=targets > 0,
+        segments=targets_segmentation, positions=targets_position,
+        encoded=encoded, encoded_valid=inputs > 0,
+        encoded_segments=inputs_segmentation)
+
+  def __call__(self, inputs: Array, targets: Array,
+               inputs_segmentation: Array | None = None,
+               targets_segmentation: Array | None = None,
+               inputs_position: Array | None = None,
+               targets_position: Array | None = None) -> Array:
+    encoded = self.encode(inputs, inputs_segmentation, inputs_position)
+    return self.decode(encoded, inputs, targets, inputs_segmentation,
+                       targets_segmentation, targets_position)
+
+
+class DecoderLM(nn.Module):
+  """Decoder-only causal LM (GPT): logits [b, l, v] for the next token at each position."""
+  config: TransformerConfig
+
+  def setup(self):
+    self.embed = Embed(self.config, name='embedding')
+    self.decoder = Decoder(self.config, embed=self.embed, cross_attention=False)
+
+  def __call__(self, tokens: Array, segment_ids: Array | None = None,
+               positions: Array | None = None) -> Array:
+    """tokens [b, l] -> logits [b, l, v]; decode mode: tokens [b, 1]."""
+    if self.config.decode:
+      return self.decoder(tokens)
+    valid = None if segment_ids is None else segment_ids > 0
+    return self.decoder(tokens, valid=valid, segments=segment_ids,
+                        positions=positions)
+
+
+def init_cache(model: nn.Module, batch_size: int, max_decode_len: int,
+               source_len: int | None = None):
+  """A zero KV cache for `model` (whose config has decode=True), shapes only.
+
+  EncoderDecoder needs `source_len` (the encoder output length); the cache
+  holds [batch, max_decode_len, heads, head_dim] keys/values per layer.
+  """
+  tokens = jnp.ones((batch_size, max_decode_len), jnp.int32)
+  if isinstance(model, EncoderDecoder):
+    inputs = jnp.ones((batch_size, source_len), jnp.int32)
+    init = functools.partial(model.init, jax.random.PRNGKey(0), inputs, tokens)
+  else:
+    init = functools.partial(model.init, jax.random.PRNGKey(0), tokens)
+  shapes = jax.eval_shape(init)['cache']
+  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

@@ -1,0 +1,230 @@
+"""Properties of the network: causality, padding, packing, KV cache, sizes, sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+import model
+from model import DecoderLM, EncoderDecoder, get_preset, init_cache
+from train import partitioning
+
+VARIANTS = [
+    dict(),  # the paper: post-norm, sinusoidal, relu
+    dict(norm_position='pre', positions='rotary', activation='swiglu',
+         norm_type='rmsnorm', use_bias=False),
+    dict(positions='learned', activation='gelu', share_embeddings=False,
+         tie_output=False),
+]
+
+
+def _tokens(rng, shape, vocab=64):
+  return jnp.asarray(rng.integers(4, vocab, size=shape), jnp.int32)
+
+
+def _init(m, *args):
+  return m.init(jax.random.PRNGKey(0), *args)
+
+
+@pytest.mark.parametrize('overrides', VARIANTS)
+def test_decoder_is_causal(overrides):
+  rng = np.random.default_rng(0)
+  cfg = get_preset('tiny_encdec', **overrides)
+  m = EncoderDecoder(cfg)
+  src, tgt = _tokens(rng, (2, 7)), _tokens(rng, (2, 9))
+  v = _init(m, src, tgt)
+  t = 4
+  # The decoder input at position i is target i-1, so targets > t may change
+  # without affecting logits <= t.
+  tgt2 = tgt.at[:, t + 1:].set(_tokens(rng, (2, 9 - t - 1)))
+  a, b = m.apply(v, src, tgt), m.apply(v, src, tgt2)
+  np.testing.assert_allclose(a[:, :t + 1], b[:, :t + 1], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(a[:, t + 2:], b[:, t + 2:])
+
+
+@pytest.mark.parametrize('overrides', VARIANTS[:2])
+def test_lm_is_causal(overrides):
+  rng = np.random.default_rng(1)
+  cfg = get_preset('tiny_lm', **overrides)
+  m = DecoderLM(cfg)
+  x = _tokens(rng, (2, 12))
+  v = _init(m, x)
+  t = 5
+  x2 = x.at[:, t + 1:].set(_tokens(rng, (2, 12 - t - 1)))
+  a, b = m.apply(v, x), m.apply(v, x2)
+  np.testing.assert_allclose(a[:, :t + 1], b[:, :t + 1], rtol=1e-6, atol=1e-6)
+  assert not np.allclose(a[:, t + 1:], b[:, t + 1:])
+
+
+def test_encoder_ignores_padding():
+  rng = np.random.default_rng(2)
+  cfg = get_preset('tiny_encdec')
+  m = EncoderDecoder(cfg)
+  src = _tokens(rng, (2, 6))
+  v = _init(m, src, _tokens(rng, (2, 5)))
+  enc = m.apply(v, src, method=EncoderDecoder.encode)
+  for pad in (1, 7):
+    padded = jnp.pad(src, ((0, 0), (0, pad)))
+    enc_p = m.apply(v, padded, method=EncoderDecoder.encode)
+    np.testing.assert_allclose(enc_p[:, :6], enc, rtol=1e-5, atol=1e-5)
+
+
+def _pack(a, b, length):
+  """Two sequences into one row -> (tokens, segments, positions), each [1, length]."""
+  row = np.zeros(length, np.int32)
+  seg = np.zeros(length, np.int32)
+  pos = np.zeros(length, np.int32)
+  row[:len(a)], row[len(a):len(a) + len(b)] = a, b
+  seg[:len(a)], seg[len(a):len(a) + len(b)] = 1, 2
+  pos[:len(a)], pos[len(a):len(a) + len(b)] = np.arange(len(a)), np.arange(len(b))
+  return (jnp.asarray(row)[None], jnp.asarray(seg)[None], jnp.asarray(pos)[None])
+
+
+@pytest.mark.parametrize('overrides', VARIANTS[:2])
+def test_packing_equals_separate(overrides):
+  rng = np.random.default_rng(3)
+  cfg = get_preset('tiny_encdec', **overrides)
+  m = EncoderDecoder(cfg)
+  s1, s2 = rng.integers(4, 64, 5), rng.integers(4, 64, 7)
+  t1, t2 = rng.integers(4, 64, 6), rng.integers(4, 64, 4)
+  v = _init(m, jnp.asarray(s1)[None], jnp.asarray(t1)[None])
+  src, src_seg, src_pos = _pack(s1, s2, 16)
+  tgt, tgt_seg, tgt_pos = _pack(t1, t2, 12)
+  packed = m.apply(v, src, tgt, src_seg, tgt_seg, src_pos, tgt_pos)
+  alone1 = m.apply(v, jnp.asarray(s1)[None], jnp.asarray(t1)[None])
+  alone2 = m.apply(v, jnp.asarray(s2)[None], jnp.asarray(t2)[None])
+  np.testing.assert_allclose(packed[0, :6], alone1[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(packed[0, 6:10], alone2[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('overrides', VARIANTS[:2])
+def test_lm_packing_equals_separate(overrides):
+  rng = np.random.default_rng(4)
+  cfg = get_preset('tiny_lm', **overrides)
+  m = DecoderLM(cfg)
+  a, b = rng.integers(4, 64, 5), rng.integers(4, 64, 8)
+  v = _init(m, jnp.asarray(a)[None])
+  tok, seg, pos = _pack(a, b, 16)
+  packed = m.apply(v, tok, seg, pos)
+  np.testing.assert_allclose(packed[0, :5], m.apply(v, jnp.asarray(a)[None])[0],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(packed[0, 5:13], m.apply(v, jnp.asarray(b)[None])[0],
+                             rtol=1e-5, atol=1e-5)
+
+
+def _decode_stepwise(step_fn, cache, tokens):
+  outs = []
+  for i in range(tokens.shape[1]):
+    logits, cache = step_fn(tokens[:, i:i + 1], cache)
+    outs.append(logits[:, 0])
+  return jnp.stack(outs, axis=1)
+
+
+@pytest.mark.parametrize('overrides', VARIANTS)
+def test_encdec_cached_decode_matches_full(overrides):
+  rng = np.random.default_rng(5)
+  cfg = get_preset('tiny_encdec', **overrides)
+  src = _tokens(rng, (2, 7)).at[1, 5:].set(0)  # one padded source
+  tgt = _tokens(rng, (2, 8))
+  m = EncoderDecoder(cfg)
+  v = _init(m, src, tgt)
+  full = m.apply(v, src, tgt)
+  dm = EncoderDecoder(cfg.replace(decode=True))
+  encoded = m.apply(v, src, method=EncoderDecoder.encode)
+  cache = init_cache(dm, 2, tgt.shape[1], source_len=src.shape[1])
+
+  @jax.jit
+  def step(tok, cache):
+    logits, mut = dm.apply({'params': v['params'], 'cache': cache}, encoded,
+                           src, tok, method=EncoderDecoder.decode,
+                           mutable=['cache'])
+    return logits, mut['cache']
+
+  stepped = _decode_stepwise(step, cache, model.shift_right(tgt))
+  np.testing.assert_allclose(stepped, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('overrides', VARIANTS[:2])
+def test_lm_cached_decode_matches_full(overrides):
+  rng = np.random.default_rng(6)
+  cfg = get_preset('tiny_lm', **overrides)
+  x = _tokens(rng, (2, 10))
+  m = DecoderLM(cfg)
+  v = _init(m, x)
+  full = m.apply(v, x)
+  dm = DecoderLM(cfg.replace(decode=True))
+  cache = init_cache(dm, 2, x.shape[1])
+
+  @jax.jit
+  def step(tok, cache):
+    logits, mut = dm.apply({'params': v['params'], 'cache': cache}, tok,
+                           mutable=['cache'])
+    return logits, mut['cache']
+
+  np.testing.assert_allclose(_decode_stepwise(step, cache, x), full,
+                             rtol=1e-5, atol=1e-5)
+
+
+def _num_params(m, *shapes):
+  args = [jax.ShapeDtypeStruct(s, jnp.int32) for s in shapes]
+  v = jax.eval_shape(lambda *a: m.init(jax.random.PRNGKey(0), *a), *args)
+  return sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.unbox(v['params'])))
+
+
+@pytest.mark.parametrize('name,paper', [('transformer_base', 65e6),
+                                        ('transformer_big', 213e6)])
+def test_paper_sizes(name, paper):
+  n = _num_params(EncoderDecoder(get_preset(name, vocab_size=37000)),
+                  (1, 8), (1, 8))
+  assert abs(n - paper) / paper < 0.05, n
+
+
+def test_gpt2_small_size():
+  n = _num_params(DecoderLM(get_preset('gpt2_small')), (1, 8))
+  assert abs(n - 124e6) / 124e6 < 0.01, n
+
+
+def test_invalid_config_names_field():
+  with pytest.raises(ValueError, match='num_heads'):
+    get_preset('tiny_lm', d_model=30, num_heads=4)
+  with pytest.raises(ValueError, match='positions.*sinusoidal'):
+    get_preset('tiny_lm', positions='alibi')
+  with pytest.raises(ValueError, match='unknown preset'):
+    get_preset('nope')
+
+
+def test_bf16_masking_stays_finite():
+  rng = np.random.default_rng(7)
+  cfg = get_preset('tiny_encdec', dtype='bfloat16')
+  m = EncoderDecoder(cfg)
+  src = _tokens(rng, (2, 6)).at[:, 3:].set(0)
+  tgt = _tokens(rng, (2, 5)).at[:, 2:].set(0)
+  v = _init(m, src, tgt)
+  assert np.isfinite(np.asarray(m.apply(v, src, tgt))).all()
+
+
+def test_sharded_forward_matches_single_device():
+  rng = np.random.default_rng(8)
+  cfg = get_preset('tiny_encdec', d_model=64, num_heads=4, mlp_dim=128)
+  m = EncoderDecoder(cfg)
+  src, tgt = _tokens(rng, (4, 8)), _tokens(rng, (4, 6))
+  rules = partitioning.DEFAULT_RULES
+  mesh = partitioning.make_mesh(2, 2, 2)
+  abstract = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), src, tgt))
+  shardings = partitioning.logical_to_sharding(
+      nn.get_partition_spec(abstract), mesh, rules)
+  with mesh, nn.logical_axis_rules(rules):
+    v = jax.jit(lambda: m.init(jax.random.PRNGKey(0), src, tgt),
+                out_shardings=shardings)()
+    kernel = v['params']['encoder']['layer_0']['mlp']['wi']['kernel'].value
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec('fsdp', 'tensor')
+    assert len(kernel.addressable_shards) == 8
+    assert kernel.addressable_shards[0].data.shape == (32, 64)
+    emb = v['params']['shared_embedding']['embedding'].value
+    assert emb.sharding.spec == jax.sharding.PartitionSpec('tensor', 'fsdp')
+    batch = jax.device_put((src, tgt), partitioning.batch_sharding(mesh))
+    sharded = jax.jit(m.apply)(v, *batch)
+  single = m.apply(jax.device_get(nn.unbox(v)), src, tgt)
+  np.testing.assert_allclose(np.asarray(sharded), np.asarray(single),
+                             rtol=1e-5, atol=1e-5)

@@ -1,0 +1,1 @@
+"""Training: mesh and sharding, state, steps, the loop, checkpoints, evaluation, CLI."""
