@@ -1,0 +1,108 @@
+"""Tests for train/metrics.py: jsonl + TensorBoard output, FLOPs/MFU, peaks."""
+
+import json
+import math
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from train import metrics as metrics_lib
+
+
+def test_writer_jsonl_tensorboard_and_progress(tmp_path, capsys):
+  with metrics_lib.MetricWriter(str(tmp_path), total_steps=100) as writer:
+    writer.write(10, {'train/loss': jnp.float32(2.5), 'train/tokens': 512,
+                      'train/tokens_per_sec': 12345.0, 'train/mfu': 0.25})
+    writer.write(20, {'train/loss': np.float32(2.0),
+                      'train/grad_norm': float('nan')})
+    writer.write(20, {'eval/loss': 1.9, 'eval/bleu': 30.1})
+  lines = (tmp_path / 'metrics.jsonl').read_text().splitlines()
+  records = [json.loads(line) for line in lines]  # Strict JSON: no NaN.
+  assert [r['step'] for r in records] == [10, 20, 20]
+  assert records[0] == {'step': 10, 'train/loss': 2.5, 'train/tokens': 512,
+                        'train/tokens_per_sec': 12345.0, 'train/mfu': 0.25}
+  assert records[1]['train/grad_norm'] is None
+  assert records[2] == {'step': 20, 'eval/loss': 1.9, 'eval/bleu': 30.1}
+  assert list(tmp_path.glob('events.out.tfevents.*'))
+  err = capsys.readouterr().err
+  assert 'step 10/100' in err and 'loss 2.5000' in err
+  assert '12.3k tok/s' in err and 'MFU 25.0%' in err and 'ETA' in err
+  assert 'eval/bleu 30.1' in err
+
+  # Resuming appends to the same file.
+  with metrics_lib.MetricWriter(str(tmp_path), total_steps=100) as writer:
+    writer.write(30, {'train/loss': 1.0})
+  assert len((tmp_path / 'metrics.jsonl').read_text().splitlines()) == 4
+
+
+def test_only_chief_writes(tmp_path, capsys):
+  with metrics_lib.MetricWriter(str(tmp_path), total_steps=10,
+                                is_chief=False) as writer:
+    writer.write(1, {'train/loss': 1.0})
+  assert not list(tmp_path.iterdir())
+  assert capsys.readouterr().err == ''
+
+
+def test_eta_from_moving_average(tmp_path, monkeypatch):
+  clock = iter([0.0, 10.0, 20.0])
+  monkeypatch.setattr(metrics_lib, '_now', lambda: next(clock))
+  with metrics_lib.MetricWriter(str(tmp_path), total_steps=1000) as writer:
+    assert math.isnan(writer.eta_seconds(0))
+    writer.write(0, {'train/loss': 1.0})
+    writer.write(100, {'train/loss': 1.0})  # 0.1 s/step.
+    writer.write(200, {'train/loss': 1.0})
+    assert writer.eta_seconds(200) == pytest.approx(800 * 0.1)
+
+
+def test_flops_and_mfu_known_case():
+  # 6N + 12*L*d*T with N=1e8, L=12, d=768, T=1024.
+  per_token = metrics_lib.transformer_train_flops_per_token(
+      int(1e8), 12, 768, 1024)
+  assert per_token == 6e8 + 12 * 12 * 768 * 1024
+  # 1e15 FLOPs per step in 1 s on 4 devices of 1e15 peak: 25%.
+  assert metrics_lib.mfu(1e15, 1.0, 4, 1e15) == pytest.approx(0.25)
+  assert math.isnan(metrics_lib.mfu(1e15, 1.0, 4, None))
+  enc_dec = metrics_lib.encoder_decoder_train_flops(
+      encoder_params=10, decoder_params=20, encoder_layers=1,
+      decoder_layers=2, d_model=4, src_len=8, tgt_len=6, src_tokens=100,
+      tgt_tokens=50)
+  assert enc_dec == (60 + 12 * 4 * 8) * 100 + (120 + 24 * 4 * 14) * 50
+
+
+@pytest.mark.parametrize('kind,peak', [
+    ('NVIDIA H100 80GB HBM3', 989e12), ('NVIDIA H100 PCIe', 756e12),
+    ('NVIDIA H200', 989e12), ('NVIDIA A100-SXM4-80GB', 312e12),
+    ('NVIDIA L4', 121e12), ('NVIDIA L40S', 362e12), ('TPU v4', 275e12),
+    ('TPU v5 lite', 197e12), ('TPU v5', 459e12), ('TPU v5p', 459e12),
+    ('TPU v6 lite', 918e12)])
+def test_peak_table(kind, peak):
+  device = types.SimpleNamespace(device_kind=kind)
+  assert metrics_lib.peak_flops_per_device(device) == peak
+
+
+def test_peak_unknown_and_override(caplog):
+  cpu = jax.devices('cpu')[0]
+  assert metrics_lib.peak_flops_per_device(cpu, override=1e12) == 1e12
+  unknown = types.SimpleNamespace(device_kind='Mystery Accelerator 9000')
+  assert metrics_lib.peak_flops_per_device(unknown) is None
+  assert metrics_lib.peak_flops_per_device(unknown) is None
+  assert caplog.text.count('Mystery Accelerator 9000') == 1  # Warned once.
+
+
+def test_measure_cpu_peak_flops():
+  flops = metrics_lib.measure_cpu_peak_flops(n=128, repeats=2)
+  assert 1e6 < flops < 1e14
+
+
+def test_throughput_skips_compile_step():
+  tp = metrics_lib.Throughput(tokens_per_step=1000)
+  assert math.isnan(tp.tokens_per_sec)
+  tp.start(now=0.0)
+  tp.step(now=30.0)  # Compilation: ignored.
+  tp.step(now=30.5)
+  tp.step(tokens=3000, now=31.5)
+  assert tp.seconds_per_step == pytest.approx(0.75)
+  assert tp.tokens_per_sec == pytest.approx(4000 / 1.5)
