@@ -1,0 +1,104 @@
+"""Shared defaults for every experiment; experiments import and change them.
+
+Every key is documented here once. `--config.a.b=v` on the command line
+overrides one field; an unknown key is an error (the ConfigDict is locked).
+`model.*` are exactly the fields of model.TransformerConfig.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from model import get_preset
+from train import partitioning
+
+
+def get_config(preset: str = 'transformer_base') -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = 'translation'            # 'translation' | 'lm'
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dir = ''                   # '' -> $TRANSFLAX_DATA -> ~/.cache/transflax
+  c.data.corpus = 'multi30k'        # multi30k | wmt | parallel | tinyshakespeare | text
+  c.data.src_lang = 'en'
+  c.data.tgt_lang = 'de'
+  c.data.wmt_dataset = 'wmt14'      # HF datasets name (corpus=wmt)
+  c.data.wmt_pair = 'de-en'         # HF datasets config (corpus=wmt)
+  # corpus=parallel/text: split -> 'SRC,TGT' files, one .tsv, or 'F1,F2' text.
+  c.data.files = ml_collections.ConfigDict()
+  c.data.train_split = 'train'
+  c.data.eval_split = 'val'         # eval loss (and BLEU) during training
+  c.data.test_split = 'test_2016_flickr'  # final evaluation
+  c.data.max_length = 64            # translation: tokens per packed row side
+  c.data.pack = True                # several examples per row (translation)
+  c.data.seq_len = 256              # lm: block length
+  c.data.tokenizer = ml_collections.ConfigDict()
+  c.data.tokenizer.type = 'sentencepiece'  # sentencepiece | char
+  c.data.tokenizer.path = ''        # use this trained model instead of training
+  c.data.tokenizer.vocab_size = 8000
+  c.data.tokenizer.model_type = 'unigram'  # unigram | bpe | char
+  c.data.tokenizer.character_coverage = 1.0
+
+  # TransformerConfig fields; vocab_size 0 = the tokenizer's size.
+  c.model = ml_collections.ConfigDict(get_preset(preset).to_dict())
+  c.model.vocab_size = 0
+  c.model.head_dim = ml_collections.config_dict.placeholder(int)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 100_000
+  c.train.batch_size = 128          # global rows per step (all hosts)
+  c.train.grad_accum_steps = 1      # micro-batches per step (same update)
+  c.train.seed = 0
+  c.train.label_smoothing = 0.1     # paper 5.4
+  c.train.z_loss = 0.0
+  c.train.log_every = 100
+  c.train.eval_every = 1000
+  c.train.eval_batch_size = 64      # global rows per eval batch
+  c.train.max_eval_batches = 0      # 0: the whole eval split
+  c.train.checkpoint_every = 1000
+  c.train.keep_checkpoints = 3      # the last K, plus the best by best_metric
+  c.train.best_metric = 'eval/loss'
+  c.train.best_mode = 'min'
+  c.train.average_last = 0          # >0: average the last N checkpoints at the end
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.schedule = 'rsqrt'    # rsqrt (paper) | cosine | constant
+  c.optimizer.learning_rate = 1.0   # rsqrt: scale of d^-0.5 * min(..); else peak
+  c.optimizer.warmup_steps = 4000
+  c.optimizer.decay_steps = 0       # cosine: 0 = train.num_steps
+  c.optimizer.min_lr_ratio = 0.1    # cosine: final lr / peak lr
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.98
+  c.optimizer.eps = 1e-9
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.grad_clip = 0.0       # global-norm clipping; 0 = off
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                  # -1: the devices the other axes leave
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.rules = [list(r) for r in partitioning.DEFAULT_RULES]
+  c.mesh.coordinator_address = ''   # multi-host: host:port of process 0
+  c.mesh.num_processes = 0          # 0: from the environment
+  c.mesh.process_id = -1            # -1: from the environment
+
+  c.decode = ml_collections.ConfigDict()   # translation
+  c.decode.beam_size = 4
+  c.decode.alpha = 0.6              # GNMT length penalty exponent
+  c.decode.max_extra_len = 50       # max output length = source length + 50
+  c.decode.batch_size = 64
+  c.decode.bleu_every = 0           # steps between validation BLEU; 0 = off
+  c.decode.bleu_sentences = 0       # validation sentences for BLEU; 0 = all
+  c.decode.test_sentences = 0       # test sentences scored at the end; 0 = all
+
+  c.sample = ml_collections.ConfigDict()   # language models
+  c.sample.prompt = '\n'
+  c.sample.max_new_tokens = 200
+  c.sample.temperature = 0.8
+  c.sample.top_k = 200
+  c.sample.top_p = 1.0
+  c.sample.num_samples = 1
+
+  c.metrics = ml_collections.ConfigDict()
+  c.metrics.peak_flops = 0.0        # per-device peak FLOP/s; 0 = look up
+  return c

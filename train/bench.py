@@ -1,0 +1,164 @@
+"""`--dry_run` (shapes, parameter counts, shardings) and `transflax bench` (speed).
+
+The benchmark times the real jitted train step on synthetic batches of the
+configured shape (so it needs no corpus beyond the tokenizer's vocabulary
+size), reports step time, tokens/s, model TFLOP/s and MFU against the device
+peak (on a CPU: a measured f32 matmul), then decode tokens/s with the KV cache
+at batch 1 and 32 for language models.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from train import metrics as metrics_lib
+from train import partitioning, state as state_lib, step as step_lib, tasks
+
+
+def _setup(config, with_tokenizer: bool | None = None):
+  m = config.mesh
+  mesh = partitioning.make_mesh(m.data, m.fsdp, m.tensor)
+  rules = partitioning.rules_from_config(m.rules)
+  if with_tokenizer is None:
+    with_tokenizer = not config.model.vocab_size
+  task = tasks.make_task(config, None, with_tokenizer=with_tokenizer)
+  schedule = state_lib.make_schedule(config.optimizer, task.model_config.d_model,
+                                     config.train.num_steps)
+  tx = state_lib.make_optimizer(config.optimizer, schedule)
+  return mesh, rules, task, schedule, tx
+
+
+def dry_run(config) -> None:
+  """Prints parameter counts per top-level module, the mesh and every sharding."""
+  mesh, rules, task, _, tx = _setup(config)
+  abstract, shardings = state_lib.abstract_train_state(
+      task.init_params, tx, config.train.seed, mesh, rules)
+  counts = state_lib.count_params(abstract.params)
+  print(f'task {config.task}: {type(task.module()).__name__}, '
+        f'vocab {task.model_config.vocab_size}')
+  print(f'mesh {dict(mesh.shape)} over {mesh.devices.size} '
+        f'{jax.devices()[0].platform} device(s)')
+  for name, n in counts.items():
+    print(f'  {name:<24} {n:>14,} params ({n / 1e6:.1f}M)')
+  print('parameter shardings:')
+  flat = jax.tree_util.tree_flatten_with_path(abstract.params)[0]
+  for path, leaf in flat:
+    name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+    print(f'  {name:<64} {str(leaf.shape):<20} {leaf.sharding.spec}')
+
+
+def synthetic_batch(task, batch_size: int, config) -> dict[str, np.ndarray]:
+  """Full rows of random tokens in the task's batch layout."""
+  rng = np.random.default_rng(0)
+  vocab = task.model_config.vocab_size
+  length = config.data.seq_len if task.kind == 'lm' else config.data.max_length
+  batch = {}
+  for key in task.batch_keys:
+    if key.endswith('_segmentation'):
+      batch[key] = np.ones((batch_size, length), np.int32)
+    elif key.endswith('_position'):
+      batch[key] = np.broadcast_to(np.arange(length, dtype=np.int32),
+                                   (batch_size, length)).copy()
+    else:
+      batch[key] = rng.integers(4, vocab, (batch_size, length), dtype=np.int32)
+  return batch
+
+
+def _time(fn, n: int) -> float:
+  """Seconds per call of fn() over n calls (fn blocks on its result)."""
+  start = time.perf_counter()
+  for _ in range(n):
+    fn()
+  return (time.perf_counter() - start) / n
+
+
+def benchmark(config, *, steps: int = 20, warmup: int = 3,
+              decode_batches: tuple[int, ...] = (1, 32),
+              decode_tokens: int = 64) -> dict[str, Any]:
+  """Train-step and decode throughput of `config` on the local devices."""
+  from train import loop
+  mesh, rules, task, schedule, tx = _setup(config)
+  t = config.train
+  state, shardings = state_lib.create_train_state(
+      task.init_params, tx, t.seed, mesh, rules)
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(task.forward, schedule,
+                               label_smoothing=t.label_smoothing,
+                               grad_accum_steps=t.grad_accum_steps),
+      shardings, mesh, rules)
+  local = synthetic_batch(task, t.batch_size, config)
+  batch = partitioning.make_global_batch(local, mesh)
+  holder = {'state': state}
+
+  def one_step():
+    holder['state'], m = train_step(holder['state'], batch)
+    jax.block_until_ready(m['loss'])
+
+  start = time.perf_counter()
+  one_step()
+  compile_s = time.perf_counter() - start
+  for _ in range(warmup):
+    one_step()
+  step_s = _time(one_step, steps)
+
+  params = holder['state'].params
+  counts = state_lib.count_params(params)
+  num_params = counts['total']
+  flops = loop.train_flops(task.kind, task.model_config, num_params,
+                           counts.get('encoder', 0), local)
+  device = jax.devices()[0]
+  if device.platform == 'cpu':
+    peak = metrics_lib.measure_cpu_peak_flops()
+    peak_note = 'measured f32 matmul (CPU)'
+  else:
+    peak = metrics_lib.peak_flops_per_device(device,
+                                             config.metrics.peak_flops or None)
+    peak_note = 'dense bf16 spec sheet'
+  tokens = float(np.sum(local['targets'] > 0))
+  result = {
+      'device': f'{jax.device_count()} x {device.device_kind}',
+      'params': num_params,
+      'batch': list(local['inputs'].shape),
+      'compile_s': compile_s,
+      'step_time_s': step_s,
+      'tokens_per_sec': tokens / step_s,
+      'model_tflops_per_sec': flops / step_s / 1e12,
+      'peak_tflops_per_device': (peak or float('nan')) / 1e12,
+      'peak_source': peak_note,
+      'mfu': metrics_lib.mfu(flops, step_s, jax.device_count(), peak),
+  }
+  if task.kind == 'lm':
+    for b in decode_batches:
+      result[f'decode_tokens_per_sec_batch{b}'] = _decode_speed(
+          task, holder['state'].params, b, decode_tokens)
+  return result
+
+
+def _decode_speed(task, params, batch: int, n: int) -> float:
+  """Tokens/s of cached one-token decode steps (after compilation)."""
+  from model import generate, init_cache
+  n = min(n, task.model_config.max_len)
+  dmodel = task.module(decode=True)
+  params = jax.device_get(params)
+
+  def tokens_to_logits(tokens, cache):
+    logits, mut = dmodel.apply({'params': params, 'cache': cache}, tokens,
+                               mutable=['cache'])
+    return logits[:, 0], mut['cache']
+
+  @jax.jit
+  def run(rng):
+    cache = init_cache(dmodel, batch, n)
+    prompt = jnp.zeros((batch, n), jnp.int32)
+    return generate.temperature_sample(prompt, cache, tokens_to_logits, rng,
+                                       eos_id=-1, temperature=1.0)
+
+  jax.block_until_ready(run(jax.random.PRNGKey(0)))
+  seconds = _time(lambda: jax.block_until_ready(run(jax.random.PRNGKey(1))), 3)
+  return batch * n / seconds

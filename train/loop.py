@@ -1,0 +1,274 @@
+"""The training loop: restore, train, evaluate, checkpoint, log; read top to bottom.
+
+  train_and_evaluate(config, workdir)
+
+1. multi-host init and the ('data', 'fsdp', 'tensor') mesh;
+2. the task: tokenizer (trained once, kept in the workdir), model, datasets;
+3. the sharded TrainState, restored from the latest good checkpoint if any
+   (with the data iterator's position), else initialised;
+4. jitted train steps with donated state; every `log_every` steps the
+   metrics are fetched, checked for NaN/inf and written; every `eval_every`
+   eval loss (and BLEU or samples); every `checkpoint_every` an async save.
+   SIGTERM/SIGINT finish the step, save and return.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from data.errors import UserError
+from train import checkpoint, metrics as metrics_lib, objectives
+from train import partitioning, state as state_lib, step as step_lib, tasks
+
+# Fields that fix parameter shapes: a workdir trained with other values cannot
+# be resumed.
+SHAPE_KEYS = tuple(f'model.{k}' for k in (
+    'vocab_size', 'd_model', 'num_heads', 'head_dim', 'mlp_dim',
+    'num_encoder_layers', 'num_decoder_layers', 'activation', 'positions',
+    'norm_type', 'use_bias', 'share_embeddings', 'tie_output', 'max_len')) + (
+        'task', 'tokenizer_sha')
+
+
+class NonFiniteLoss(UserError):
+  """The loss became NaN/inf; the last good checkpoint is kept."""
+
+
+class Run:
+  """Everything a run builds from (config, workdir); shared by train/eval/translate."""
+
+  def __init__(self, config, workdir: str, *, for_training: bool = True):
+    self.config = config
+    self.workdir = workdir
+    m = config.mesh
+    partitioning.maybe_initialize_distributed(
+        m.coordinator_address or None, m.num_processes or None,
+        None if m.process_id < 0 else m.process_id)
+    self.mesh = partitioning.make_mesh(m.data, m.fsdp, m.tensor)
+    self.rules = partitioning.rules_from_config(m.rules)
+    self.task = tasks.make_task(config, workdir)
+    self.model_config = self.task.model_config
+    num_steps = config.train.num_steps
+    self.schedule = state_lib.make_schedule(config.optimizer,
+                                            self.model_config.d_model, num_steps)
+    self.tx = state_lib.make_optimizer(config.optimizer, self.schedule)
+    self.abstract_state, self.shardings = state_lib.abstract_train_state(
+        self.task.init_params, self.tx, config.train.seed, self.mesh, self.rules)
+    counts = state_lib.count_params(self.abstract_state.params)
+    self.num_params = counts['total']
+    self.num_encoder_params = counts.get('encoder', 0)
+    self.ckpt = checkpoint.Checkpointer(
+        workdir, keep=max(config.train.keep_checkpoints,
+                          config.train.average_last or 0),
+        best_metric=config.train.best_metric or None,
+        best_mode=config.train.best_mode, read_only=not for_training)
+
+  @property
+  def meta(self) -> dict[str, Any]:
+    tok = self.task.tokenizer.serialized
+    return {
+        'task': self.config.task,
+        'config': self.config.to_dict(),
+        'model': self.model_config.to_dict(),
+        'tokenizer': base64.b64encode(tok).decode('ascii'),
+        'tokenizer_sha': _sha(tok),
+    }
+
+  def check_workdir(self) -> None:
+    """A workdir from another model shape or vocabulary is an error, never a mix."""
+    saved = self.ckpt.read_meta()
+    if saved is not None:
+      checkpoint.check_compatible(saved, self.meta, SHAPE_KEYS,
+                                  source=f'{self.ckpt.directory}')
+
+  def restore_or_init(self, step: Any = None):
+    """(step, state, data_state): restored if a checkpoint exists, else fresh."""
+    self.check_workdir()
+    restored = self.ckpt.restore(self.abstract_state, step=step)
+    if restored is not None:
+      step, state, data_state, _ = restored
+      logging.info('restored step %d from %s', step, self.ckpt.directory)
+      return step, state, data_state
+    state, _ = state_lib.create_train_state(
+        self.task.init_params, self.tx, self.config.train.seed, self.mesh,
+        self.rules)
+    return 0, state, None
+
+  def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return partitioning.make_global_batch(local, self.mesh)
+
+  def local_batch_size(self, global_size: int, what: str) -> int:
+    n = jax.process_count()
+    shards = self.mesh.shape['data'] * self.mesh.shape['fsdp']
+    if global_size % shards or global_size % n:
+      raise UserError(f'{what}={global_size} must be divisible by the '
+                      f'data*fsdp mesh size {shards} and the {n} processes')
+    return global_size // n
+
+  def evaluate_loss(self, params, split: str) -> dict[str, float]:
+    """eval/loss (plain cross-entropy per token), perplexity, accuracy over a split."""
+    t = self.config.train
+    _, batches = self.task.eval_batches(
+        split, self.local_batch_size(t.eval_batch_size, 'train.eval_batch_size'),
+        jax.process_index(), jax.process_count())
+    eval_step = step_lib.jit_eval_step(
+        step_lib.make_eval_step(self.task.forward), self.shardings.params,
+        self.mesh, self.rules)
+    totals = None
+    for i, batch in enumerate(batches):
+      if t.max_eval_batches and i >= t.max_eval_batches:
+        break
+      sums = eval_step(params, self.global_batch(batch))
+      totals = sums if totals is None else jax.tree_util.tree_map(
+          jnp.add, totals, sums)
+    m = {k: float(v) for k, v in objectives.normalise(totals).items()}
+    return {'eval/loss': m['nll'], 'eval/perplexity': float(np.exp(m['nll'])),
+            'eval/accuracy': m['accuracy'], 'eval/tokens': m['tokens']}
+
+  def flops_per_step(self, batch: dict[str, np.ndarray]) -> float:
+    return train_flops(self.task.kind, self.model_config, self.num_params,
+                       self.num_encoder_params, batch)
+
+
+def train_flops(kind: str, cfg, num_params: int, num_encoder_params: int,
+                batch: dict[str, np.ndarray]) -> float:
+  """Model FLOPs of one train step on `batch` (PaLM's 6N + attention; real tokens)."""
+  if kind == 'lm':
+    tokens = float(np.sum(batch['inputs_segmentation'] > 0))
+    return tokens * metrics_lib.transformer_train_flops_per_token(
+        num_params, cfg.num_decoder_layers, cfg.d_model, batch['inputs'].shape[1])
+  return metrics_lib.encoder_decoder_train_flops(
+      encoder_params=num_encoder_params,
+      decoder_params=num_params - num_encoder_params,
+      encoder_layers=cfg.num_encoder_layers,
+      decoder_layers=cfg.num_decoder_layers, d_model=cfg.d_model,
+      src_len=batch['inputs'].shape[1], tgt_len=batch['targets'].shape[1],
+      src_tokens=float(np.sum(batch['inputs'] > 0)),
+      tgt_tokens=float(np.sum(batch['targets'] > 0)))
+
+
+def _sha(b: bytes) -> str:
+  import hashlib
+  return hashlib.sha256(b).hexdigest()[:16]
+
+
+def _mean_metrics(window: list[dict]) -> dict[str, float]:
+  host = jax.device_get(window)
+  out = {f'train/{k}': float(np.mean([m[k] for m in host])) for k in host[0]}
+  out['train/tokens'] = float(np.sum([m['tokens'] for m in host]))
+  return out
+
+
+def write_config(config, workdir: str, model_config) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  resolved = config.to_dict()
+  resolved['model'] = model_config.to_dict()
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(resolved, f, indent=2, sort_keys=True, default=str)
+
+
+def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True
+                       ) -> dict[str, float]:
+  """Trains to config.train.num_steps (resuming if possible); returns the last metrics."""
+  from train import evaluate  # decoding and BLEU; imported late (heavier)
+  t = config.train
+  run = Run(config, workdir)
+  write_config(config, workdir, run.model_config)
+  step, state, data_state = run.restore_or_init()
+  counts = state_lib.count_params(run.abstract_state.params)
+  logging.info('parameters: %s', counts)
+  if jax.process_index() == 0:
+    print(f'model: {counts["total"]:,} parameters; mesh {dict(run.mesh.shape)}; '
+          f'starting at step {step}', flush=True)
+
+  local_bs = run.local_batch_size(t.batch_size, 'train.batch_size')
+  if local_bs % t.grad_accum_steps:
+    raise UserError(f'train.batch_size={t.batch_size} per process must be '
+                    f'divisible by train.grad_accum_steps={t.grad_accum_steps}')
+  dataset = run.task.train_dataset(local_bs, jax.process_index(),
+                                   jax.process_count())
+  data_iter = iter(dataset)
+  if data_state is not None:
+    data_iter.set_state(data_state)
+  train_step = step_lib.jit_train_step(
+      step_lib.make_train_step(run.task.forward, run.schedule,
+                               label_smoothing=t.label_smoothing,
+                               z_loss=t.z_loss,
+                               grad_accum_steps=t.grad_accum_steps),
+      run.shardings, run.mesh, run.rules)
+  peak = metrics_lib.peak_flops_per_device(jax.devices()[0],
+                                           config.metrics.peak_flops or None)
+  writer = metrics_lib.MetricWriter(workdir, total_steps=t.num_steps,
+                                    is_chief=jax.process_index() == 0)
+  last_good_step = run.ckpt.latest_step()
+  window, flops, last_eval, step_time = [], 0.0, {}, None
+  timer = time.perf_counter()
+
+  def save(step, state, metrics=None):
+    run.ckpt.save(step, state, data_state=data_iter.get_state(),
+                  meta=run.meta, metrics=metrics)
+    return step
+
+  def check_finite(window, step):
+    losses = jax.device_get([m['loss'] for m in window])
+    if not all(np.isfinite(losses)):
+      raise NonFiniteLoss(
+          f'non-finite training loss at step {step} (losses since the last log: '
+          f'{losses}); the last good checkpoint is step {last_good_step} in '
+          f'{run.ckpt.directory}. Lower optimizer.learning_rate, raise '
+          f'optimizer.warmup_steps or set optimizer.grad_clip, and resume.')
+
+  try:
+    with checkpoint.PreemptionGuard() as guard:
+      while step < t.num_steps:
+        local = next(data_iter)
+        flops += run.flops_per_step(local) * jax.process_count()
+        state, m = train_step(state, run.global_batch(local))
+        step += 1
+        window.append(m)
+        if step % t.log_every == 0 or step == t.num_steps:
+          out = _mean_metrics(window)
+          check_finite(window, step)
+          elapsed = time.perf_counter() - timer
+          # The first window includes compilation; later ones are steady state.
+          out['train/step_time'] = elapsed / len(window)
+          out['train/tokens_per_sec'] = out['train/tokens'] / elapsed
+          out['train/mfu'] = metrics_lib.mfu(flops / len(window),
+                                             out['train/step_time'],
+                                             jax.device_count(), peak)
+          writer.write(step, out)
+          window, flops, timer = [], 0.0, time.perf_counter()
+        if t.eval_every and (step % t.eval_every == 0 or step == t.num_steps):
+          last_eval = run.evaluate_loss(state.params, config.data.eval_split)
+          last_eval.update(evaluate.periodic(run, state.params, step))
+          writer.write(step, last_eval)
+          timer = time.perf_counter()
+        stop = guard.should_stop(step)
+        if step % t.checkpoint_every == 0 or step == t.num_steps or stop:
+          if window:
+            check_finite(window, step)
+          last_good_step = save(step, state, last_eval)
+          timer = time.perf_counter()
+        if stop:
+          logging.warning('signal received: saved step %d, exiting', step)
+          run.ckpt.wait()
+          return {'step': step, **last_eval}
+  finally:
+    run.ckpt.wait()
+    writer.close()
+
+  final = {'step': step, **last_eval}
+  if evaluate_at_end:
+    final.update(evaluate.at_end(run, state, step))
+  run.ckpt.close()
+  return final

@@ -1,0 +1,71 @@
+"""Losses and their weights: label-smoothed cross-entropy, z-loss, token accuracy.
+
+Every function returns SUMS over tokens together with the total weight, so
+that callers normalise once by the number of non-pad target tokens in the
+whole (possibly accumulated) batch. That makes N micro-batches of b rows
+exactly equal to one batch of N*b rows.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def target_weights(targets: Array) -> Array:
+  """1.0 on real target tokens, 0.0 on padding (token id 0). [b, l] -> [b, l]."""
+  return (targets > 0).astype(jnp.float32)
+
+
+def cross_entropy_sums(logits: Array, targets: Array, weights: Array, *,
+                       label_smoothing: float = 0.0,
+                       z_loss: float = 0.0) -> dict[str, Array]:
+  """Token-level sums for logits [b, l, v], targets/weights [b, l].
+
+  Label smoothing (paper 5.4, eps_ls): the target distribution puts
+  1 - eps on the label and eps / (v - 1) on every other token; the constant
+  entropy of that distribution is subtracted, so a perfect model scores 0.
+  z-loss (PaLM): z_loss * log(Z)^2 keeps the softmax normaliser near 1.
+
+  Returns `loss` (the optimised objective), `nll` (plain cross-entropy, for
+  perplexity), `correct` (argmax hits) and `weight` (token count), all sums.
+  """
+  logits = logits.astype(jnp.float32)
+  vocab = logits.shape[-1]
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  log_probs = logits - log_z[..., None]
+  label_lp = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  nll = -label_lp
+  if label_smoothing > 0.0:
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / (vocab - 1)
+    # sum_j q_j log p_j with q = low everywhere but `confidence` at the label.
+    smooth = -(confidence * label_lp
+               + low * (jnp.sum(log_probs, axis=-1) - label_lp))
+    normaliser = -(confidence * jnp.log(confidence)
+                   + (vocab - 1) * low * jnp.log(low + 1e-20))
+    loss = smooth - normaliser
+  else:
+    loss = nll
+  if z_loss > 0.0:
+    loss = loss + z_loss * jnp.square(log_z)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return {
+      'loss': jnp.sum(loss * weights),
+      'nll': jnp.sum(nll * weights),
+      'correct': jnp.sum(correct * weights),
+      'weight': jnp.sum(weights),
+  }
+
+
+def normalise(sums: dict[str, Array]) -> dict[str, Array]:
+  """Token sums -> per-token loss, nll, accuracy; keeps the token count."""
+  denom = jnp.maximum(sums['weight'], 1.0)
+  return {
+      'loss': sums['loss'] / denom,
+      'nll': sums['nll'] / denom,
+      'accuracy': sums['correct'] / denom,
+      'tokens': sums['weight'],
+  }
