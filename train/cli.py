@@ -100,10 +100,10 @@ def _cmd_eval() -> None:
 
 
 def _cmd_generate() -> None:
-  from train import evaluate
+  from train import evaluate, sampling
   run, params = evaluate.load(_require('workdir'), FLAGS.checkpoint)
   s = run.config.sample
-  evaluate.generate_samples(
+  sampling.generate_samples(
       run, params, FLAGS.prompt if FLAGS.prompt is not None else s.prompt,
       max_new_tokens=FLAGS.max_new_tokens or s.max_new_tokens,
       temperature=s.temperature if FLAGS.temperature is None else FLAGS.temperature,
