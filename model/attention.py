@@ -43,15 +43,24 @@ def segment_mask(query_segments: Array, key_segments: Array) -> Array:
 
 
 def dot_product_attention(query: Array, key: Array, value: Array,
-                          mask: Array | None, *, dropout_rate: float = 0.0,
+                          mask: Array | None, *, is_causal: bool = False,
+                          dropout_rate: float = 0.0,
                           dropout_rng: Array | None = None,
                           impl: str = 'xla') -> Array:
-  """softmax(q k^T / sqrt(k)) v.  q [b,q,h,k], k/v [b,s,h,k], mask [b,1,q,s] -> [b,q,h,k]."""
+  """softmax(q k^T / sqrt(k)) v.  q [b,q,h,k], k/v [b,s,h,k], mask [b,1,q,s] -> [b,q,h,k].
+
+  `is_causal` adds the causal mask (q == s) without the caller building it,
+  which lets the fused kernel skip masked blocks.
+  """
   if impl == 'cudnn' and dropout_rng is None:
     # Fused flash-style kernel (Hopper/Ampere); same math, no [q, s] matrix
     # in memory.
     return jax.nn.dot_product_attention(query, key, value, mask=mask,
+                                        is_causal=is_causal,
                                         implementation='cudnn')
+  if is_causal:
+    causal = causal_mask(query.shape[1])
+    mask = causal if mask is None else mask & causal
   depth = query.shape[-1]
   query = query / jnp.sqrt(jnp.asarray(depth, query.dtype))
   logits = jnp.einsum('bqhk,bshk->bhqs', query, key,
@@ -135,7 +144,10 @@ class MultiHeadAttention(nn.Module):
     dropout_rng = None
     if not cfg.deterministic and cfg.attention_dropout_rate > 0.0:
       dropout_rng = self.make_rng('dropout')
-    out = dot_product_attention(query, key, value, mask,
+    # Causality is applied here, not in the caller's mask, so a fused kernel
+    # can skip masked blocks; in decode mode the cache mask already has it.
+    is_causal = self.causal and not cfg.decode
+    out = dot_product_attention(query, key, value, mask, is_causal=is_causal,
                                 dropout_rate=cfg.attention_dropout_rate,
                                 dropout_rng=dropout_rng,
                                 impl=cfg.attention_impl)

@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from model.attention import (MultiHeadAttention, causal_mask, padding_mask,
-                             segment_mask)
+from model.attention import MultiHeadAttention, padding_mask, segment_mask
 from model.config import TransformerConfig
 from model.layers import AddPositions, Embed, MlpBlock, Norm, dense_init
 
@@ -162,11 +161,13 @@ class Decoder(nn.Module):
         cross_mask = encoded_valid[:, None, None, :]
     else:
       positions = _default_positions(tokens) if positions is None else positions
-      self_mask = causal_mask(tokens.shape[1])
+      # Causality is added by the attention itself (is_causal): a purely
+      # causal decoder passes no mask, and a fused kernel reads none.
       if valid is not None:
-        self_mask = self_mask & padding_mask(valid, valid)
+        self_mask = padding_mask(valid, valid)
       if segments is not None:
-        self_mask = self_mask & segment_mask(segments, segments)
+        seg = segment_mask(segments, segments)
+        self_mask = seg if self_mask is None else self_mask & seg
       if encoded is not None:
         q_valid = valid if valid is not None else jnp.ones(tokens.shape, bool)
         cross_mask = padding_mask(q_valid, encoded_valid)
