@@ -2,7 +2,9 @@
 
 Translation sorts sentences by length (fewer pad tokens, fewer shapes to
 compile), decodes in batches with the KV cache and returns outputs in input
-order. BLEU is sacreBLEU's corpus BLEU on detokenised text (cased, 13a), the
+order, one line each. Decoding never emits PAD or ids the tokenizer lacks.
+`decode_speed` measures sentences/s with the cache against recomputing the
+prefix at every step (the reference the tests compare the cache with). BLEU is sacreBLEU's corpus BLEU on detokenised text (cased, 13a), the
 signature reported with it. Language models report eval loss/perplexity and
 stream samples.
 """
@@ -36,19 +38,16 @@ def _round_up(n: int, multiple: int = 8) -> int:
 def load(workdir: str, which: str = 'latest'):
   """(Run, params) of a trained workdir; which = latest | best | average | STEP."""
   from train import cli, loop
-  run = loop.Run(cli.load_workdir_config(workdir), workdir, for_training=False)
-  ckpt = run.ckpt
-  step: Any = 'latest'
-  if which == 'average':
-    ckpt = checkpoint.Checkpointer(workdir, subdir='checkpoints_avg',
-                                   best_metric=None, read_only=True)
-  elif which == 'best':
-    step = 'best'
-  elif which.isdigit():
-    step = int(which)
-  elif which != 'latest':
+  if not (which in ('latest', 'best', 'average') or which.isdigit()):
     raise UserError(f'--checkpoint={which!r}: use latest, best, average or a '
                     f'step number')
+  run = loop.Run(cli.load_workdir_config(workdir), workdir, for_training=False)
+  ckpt = run.ckpt
+  step: Any = int(which) if which.isdigit() else which
+  if which == 'average':
+    step = 'latest'
+    ckpt = checkpoint.Checkpointer(workdir, subdir='checkpoints_avg',
+                                   best_metric=None, read_only=True)
   restored = ckpt.restore(run.abstract_state, step=step)
   if restored is None:
     hint = ('run `transflax average` first' if which == 'average'
@@ -65,7 +64,36 @@ def average(workdir: str, last_n: int) -> int:
 
 # -- translation -----------------------------------------------------------------
 
-def uncached_step(module, params, encoded, inputs, max_len: int):
+def mask_unproducible(logits: jax.Array, vocab_limit: int) -> jax.Array:
+  """logits [n, v] with PAD and ids >= vocab_limit set to NEG_INF.
+
+  PAD is never a scored target and the tokenizer drops it from the text, so a
+  hypothesis holding it would be ranked on a token nobody sees; the uncached
+  reference would also read it as padding. Ids past the tokenizer's vocabulary
+  exist when model.vocab_size is padded (e.g. to a multiple of 128) and
+  cannot be detokenised.
+  """
+  ids = jnp.arange(logits.shape[-1])
+  bad = (ids == tokenizers.PAD_ID) | (ids >= vocab_limit)
+  return jnp.where(bad, generate.NEG_INF, logits)
+
+
+def cached_step(dmodel, params, encoded, inputs, vocab_limit: int):
+  """tokens_to_logits over the KV cache: one new token per step.
+
+  dmodel: EncoderDecoder with decode=True; encoded [n, s, d] and inputs [n, s]
+  already expanded to the n = batch * beam rows the search feeds.
+  """
+  def tokens_to_logits(tokens, cache):
+    logits, mut = dmodel.apply({'params': params, 'cache': cache}, encoded,
+                               inputs, tokens, method=EncoderDecoder.decode,
+                               mutable=['cache'])
+    return mask_unproducible(logits[:, 0], vocab_limit), mut['cache']
+  return tokens_to_logits
+
+
+def uncached_step(module, params, encoded, inputs, max_len: int,
+                  vocab_limit: int | None = None):
   """tokens_to_logits that re-runs the decoder over the whole prefix each step.
 
   The reference for the KV cache (tests) and the baseline of the decoding
@@ -85,6 +113,8 @@ def uncached_step(module, params, encoded, inputs, max_len: int):
       logits = module.apply({'params': params}, encoded, inputs, targets,
                             method=EncoderDecoder.decode)
     logits = jax.lax.dynamic_index_in_dim(logits, index, axis=1, keepdims=False)
+    if vocab_limit is not None:
+      logits = mask_unproducible(logits, vocab_limit)
     return logits, {'history': history, 'index': index + 1}
 
   def init(batch: int):
@@ -93,28 +123,31 @@ def uncached_step(module, params, encoded, inputs, max_len: int):
   return tokens_to_logits, init
 
 
-@functools.partial(jax.jit, static_argnames=('task', 'beam_size',
-                                              'max_len', 'cached'))
-def _beam_decode(params, inputs, alpha, *, task, beam_size: int, max_len: int,
-                 cached: bool = True):
-  """inputs [b, s] -> best hypotheses [b, max_len]."""
-  model = task.module()
+@functools.partial(jax.jit, static_argnames=('config', 'beam_size', 'max_len',
+                                              'cached', 'vocab_limit'))
+def _beam_decode(params, inputs, alpha, *, config, beam_size: int,
+                 max_len: int, cached: bool = True,
+                 vocab_limit: int | None = None):
+  """inputs [b, s] -> best hypotheses [b, max_len].
+
+  config: the run's TransformerConfig (hashable, so reloading a checkpoint of
+  the same model reuses the compiled search).
+  """
+  vocab_limit = vocab_limit or config.vocab_size
+  model = EncoderDecoder(config.replace(deterministic=True, decode=False))
   encoded = model.apply({'params': params}, inputs, method=EncoderDecoder.encode)
+  # Encoder outputs are expanded here; beam_search expands the cache itself.
   enc_b = generate.expand_beams(encoded, beam_size)
   inp_b = generate.expand_beams(inputs, beam_size)
   if cached:
-    dmodel = task.module(decode=True)
-    cache = init_cache(dmodel, inputs.shape[0], max_len, source_len=inputs.shape[1])
-
-    def tokens_to_logits(tokens, cache):
-      logits, mut = dmodel.apply({'params': params, 'cache': cache}, enc_b,
-                                 inp_b, tokens, method=EncoderDecoder.decode,
-                                 mutable=['cache'])
-      return logits[:, 0], mut['cache']
+    dmodel = EncoderDecoder(config.replace(deterministic=True, decode=True))
+    cache = init_cache(dmodel, inputs.shape[0], max_len,
+                       source_len=inputs.shape[1])
+    tokens_to_logits = cached_step(dmodel, params, enc_b, inp_b, vocab_limit)
   else:
-    tokens_to_logits, init = uncached_step(model, params, enc_b, inp_b, max_len)
+    tokens_to_logits, init = uncached_step(model, params, enc_b, inp_b, max_len,
+                                           vocab_limit)
     cache = init(inputs.shape[0])
-    # The beam search expands the cache; encoder outputs are pre-expanded.
   seqs, _ = generate.beam_search(
       cache, tokens_to_logits, beam_size=beam_size, alpha=alpha,
       eos_id=tokenizers.EOS_ID, max_decode_len=max_len,
@@ -125,7 +158,11 @@ def _beam_decode(params, inputs, alpha, *, task, beam_size: int, max_len: int,
 def translate(run, params, lines: list[str], *, beam_size: int | None = None,
               alpha: float | None = None, batch_size: int | None = None,
               cached: bool = True) -> list[str]:
-  """Translates `lines` (one output per input line; empty in, empty out)."""
+  """Translates `lines`: one single-line output per input, empty in, empty out.
+
+  Sentences are decoded longest first in batches of similar length and the
+  outputs returned in input order.
+  """
   d = run.config.decode
   beam = beam_size or d.beam_size
   alpha = d.alpha if alpha is None else alpha
@@ -135,22 +172,54 @@ def translate(run, params, lines: list[str], *, beam_size: int | None = None,
   todo = [i for i, line in enumerate(lines) if line.strip()]
   ids = dict(zip(todo, tok.encode([lines[i] for i in todo])))
   cap = run.model_config.max_len
+  # A few sentences need not pay for a full batch of beams.
+  rows = min(bs, _round_up(len(todo)))
   todo.sort(key=lambda i: -len(ids[i]))  # longest first: OOM shows early
-  for start in range(0, len(todo), bs):
-    chunk = todo[start:start + bs]
+  for start in range(0, len(todo), rows):
+    chunk = todo[start:start + rows]
     src_len = min(_round_up(max(len(ids[i]) for i in chunk)), cap)
-    inputs = np.zeros((bs, src_len), np.int32)
+    inputs = np.zeros((rows, src_len), np.int32)
     for r, i in enumerate(chunk):
       row = ids[i][:src_len]
       inputs[r, :len(row)] = row
     # Paper 6.1: maximum output length = input length + 50.
     max_len = min(src_len + d.max_extra_len, cap)
     best = _beam_decode(params, jnp.asarray(inputs), float(alpha),
-                        task=run.task, beam_size=beam, max_len=max_len,
-                        cached=cached)
+                        config=run.model_config, beam_size=beam,
+                        max_len=max_len, cached=cached,
+                        vocab_limit=tok.vocab_size)
     for i, text in zip(chunk, tok.decode(np.asarray(best)[:len(chunk)])):
-      out[i] = text
+      # Byte-fallback pieces can spell a line break; one line in, one out.
+      out[i] = ' '.join(text.splitlines())
   return out
+
+
+def decode_speed(run, params, lines: list[str], beam_size: int | None = None,
+                 *, batch_size: int | None = None) -> dict[str, Any]:
+  """Sentences/s translating `lines` with the KV cache and by recomputing the prefix.
+
+  Each mode is run once untimed first, so compilation is not counted. E.g.
+  beam 4 on Multi30k test_2016_flickr with a trained workdir:
+
+    run, params = evaluate.load('runs/m30k', 'average')
+    src = [s for s, _ in run.task.corpus('test_2016_flickr').pairs]
+    print(evaluate.decode_speed(run, params, src, 4))
+  """
+  result: dict[str, Any] = {'sentences': len(lines),
+                            'beam_size': beam_size or run.config.decode.beam_size}
+  outputs = {}
+  for mode, cached in (('cached', True), ('uncached', False)):
+    kwargs = dict(beam_size=beam_size, batch_size=batch_size, cached=cached)
+    translate(run, params, lines, **kwargs)  # compile every batch shape
+    start = time.perf_counter()
+    outputs[mode] = translate(run, params, lines, **kwargs)
+    result[f'{mode}_sentences_per_sec'] = len(lines) / (
+        time.perf_counter() - start)
+  result['speedup'] = (result['cached_sentences_per_sec'] /
+                       result['uncached_sentences_per_sec'])
+  # Both must decode the same hypotheses; a mismatch is a cache bug.
+  result['same_outputs'] = outputs['cached'] == outputs['uncached']
+  return result
 
 
 def bleu(hypotheses: list[str], references: list[str]) -> dict[str, Any]:
@@ -165,12 +234,26 @@ def bleu(hypotheses: list[str], references: list[str]) -> dict[str, Any]:
 
 def evaluate_split(run, params, split: str | None = None, *,
                    beam_size=None, alpha=None, batch_size=None,
-                   max_sentences: int = 0) -> dict[str, Any]:
-  """BLEU/chrF and sentences/s (translation), or loss/perplexity (LM) on a split."""
+                   max_sentences: int | None = None) -> dict[str, Any]:
+  """BLEU/chrF and sentences/s (translation), or loss/perplexity (LM) on a split.
+
+  max_sentences: score the first N sentences; None takes the config's
+  decode.test_sentences (0, all, except in :smoke configs); 0 is all.
+  sentences/s includes compiling each batch shape once.
+  """
   if run.task.kind == 'lm':
     split = split or run.config.data.eval_split
     return {'split': split, **run.evaluate_loss(params, split)}
+  return _score_split(run, params, split, beam_size=beam_size, alpha=alpha,
+                      batch_size=batch_size, max_sentences=max_sentences)[0]
+
+
+def _score_split(run, params, split, *, beam_size=None, alpha=None,
+                 batch_size=None, max_sentences=None):
+  """(result, pairs, hypotheses) of evaluate_split for translation."""
   split = split or run.config.data.test_split
+  if max_sentences is None:
+    max_sentences = run.config.decode.test_sentences
   pairs = run.task.corpus(split).pairs[:max_sentences or None]
   sources = [s for s, _ in pairs]
   refs = [t for _, t in pairs]
@@ -178,8 +261,9 @@ def evaluate_split(run, params, split: str | None = None, *,
   hyps = translate(run, params, sources, beam_size=beam_size, alpha=alpha,
                    batch_size=batch_size)
   seconds = time.perf_counter() - start
-  return {'split': split, 'sentences': len(hyps),
-          'sentences_per_sec': len(hyps) / seconds, **bleu(hyps, refs)}
+  return ({'split': split, 'sentences': len(hyps),
+           'sentences_per_sec': len(hyps) / seconds, **bleu(hyps, refs)},
+          pairs, hyps)
 
 
 # -- hooks for the training loop ---------------------------------------------------
@@ -226,15 +310,16 @@ def at_end(run, state, step: int) -> dict[str, Any]:
                                   best_metric=None, read_only=True)
     params = avg.restore(run.abstract_state)[1].params
     out['averaged_last'] = config.train.average_last
-  result = evaluate_split(run, params, config.data.test_split,
-                          max_sentences=config.decode.test_sentences)
+  # The examples are the first scored sentences: no second decode (another
+  # compile, and on one process only, which sharded params cannot serve).
+  result, pairs, hyps = _score_split(
+      run, params, config.data.test_split,
+      max_sentences=config.decode.test_sentences)
   out.update({f'test/{k}': v for k, v in result.items() if k != 'split'})
   if jax.process_index() == 0:
-    corpus = run.task.corpus(config.data.test_split)
-    examples = translate(run, params, [s for s, _ in corpus.pairs[:3]])
     print(f'test {config.data.test_split}: BLEU {result["bleu"]:.2f} chrF '
           f'{result["chrf"]:.2f} ({result["bleu_signature"]})', flush=True)
-    for (src, ref), hyp in zip(corpus.pairs[:3], examples):
+    for (src, ref), hyp in zip(pairs[:3], hyps[:3]):
       print(f'  src: {src}\n  ref: {ref}\n  hyp: {hyp}', flush=True)
     with open(os.path.join(run.workdir, 'results.json'), 'w') as f:
       json.dump({'step': step, **out}, f, indent=2)

@@ -1,0 +1,423 @@
+"""Translation end to end: decoding with the real model, the CLI, experiments/wmt14.
+
+1. A tiny EncoderDecoder trained for seconds to reverse its input (so its
+   hypotheses follow the source and end at EOS at different steps): beam 1
+   is greedy through the KV cache, and beam 4 with the cache equals beam 4
+   recomputing the whole prefix every step.
+2. One Multi30k smoke run, trained once for the module, serves every CLI test
+   (`translate`, `average`, `eval`) and in-process checks of checkpoint
+   selection, output order and the decoding-speed benchmark. Its 8 steps
+   teach it little (every output is much the same), so output order is
+   checked with a decoder that copies its source.
+3. experiments/wmt14.py: paper-sized parameter counts by --dry_run, and the
+   :smoke variant training end to end.
+"""
+
+import functools
+import json
+import os
+import pathlib
+import random
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+from data import tokenizer as tokenizers
+from data.errors import UserError
+from model import EncoderDecoder, generate, get_preset, init_cache
+from train import evaluate
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+EOS = tokenizers.EOS_ID
+
+
+# -- 1. the real model: greedy, beam and the KV cache ------------------------------
+
+VOCAB, BATCH, SRC, MAX_LEN = 24, 6, 8, 12
+
+
+def _reverse_batch(rng, rows):
+  """Sources of 1-7 random tokens + EOS; targets: the tokens reversed + EOS."""
+  src = np.zeros((rows, SRC), np.int32)
+  tgt = np.zeros((rows, SRC), np.int32)
+  for r in range(rows):
+    n = rng.randint(1, SRC)
+    tokens = rng.randint(tokenizers.NUM_SPECIAL, VOCAB, n)
+    src[r, :n + 1] = [*tokens, EOS]
+    tgt[r, :n + 1] = [*tokens[::-1], EOS]
+  return src, tgt
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  """(config, params, inputs): a tiny EncoderDecoder trained to reverse its input.
+
+  A random model's outputs are one token repeated to the maximum length,
+  which a stale or misordered cache would reproduce just as well. A hundred
+  Adam steps (seconds) teach it to follow the source: hypotheses of different
+  lengths, ending in EOS, that attend to the source and to their own prefix.
+  """
+  config = get_preset('tiny_encdec', vocab_size=VOCAB, max_len=32)
+  model = EncoderDecoder(config)
+  rng = np.random.RandomState(0)
+  params = nn.unbox(jax.jit(model.init)(
+      jax.random.key(0), *_reverse_batch(rng, 2))['params'])
+  tx = optax.adam(3e-3)
+
+  @jax.jit
+  def step(params, opt_state, src, tgt):
+    def loss(p):
+      logits = model.apply({'params': p}, src, tgt)
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, tgt)
+      return jnp.sum(ce * (tgt > 0)) / jnp.sum(tgt > 0)
+    grads = jax.grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state
+
+  opt_state = tx.init(params)
+  for _ in range(100):
+    params, opt_state = step(params, opt_state, *_reverse_batch(rng, 64))
+  inputs, _ = _reverse_batch(np.random.RandomState(1), BATCH)
+  return config, params, jnp.asarray(inputs)
+
+
+def _encode_for_search(config, params, inputs):
+  dmodel = EncoderDecoder(config.replace(decode=True))
+  encoded = EncoderDecoder(config).apply({'params': params}, inputs,
+                                         method=EncoderDecoder.encode)
+  cache = init_cache(dmodel, inputs.shape[0], MAX_LEN,
+                     source_len=inputs.shape[1])
+  return cache, evaluate.cached_step(dmodel, params, encoded, inputs, VOCAB)
+
+
+@functools.partial(jax.jit, static_argnames='config')
+def _greedy(params, inputs, *, config):
+  cache, step = _encode_for_search(config, params, inputs)
+  return generate.greedy_search(cache, step, eos_id=EOS,
+                                max_decode_len=MAX_LEN)
+
+
+@functools.partial(jax.jit, static_argnames='config')
+def _beam_one(params, inputs, alpha, *, config):
+  cache, step = _encode_for_search(config, params, inputs)
+  return generate.beam_search(cache, step, beam_size=1, alpha=alpha,
+                              eos_id=EOS, max_decode_len=MAX_LEN)[0][:, 0]
+
+
+def _assert_nontrivial(seqs):
+  """Rows differ and end at EOS at different steps, with no PAD before it."""
+  seqs = np.asarray(seqs)
+  ends = set()
+  for row in seqs:
+    eos = np.flatnonzero(row == EOS)
+    assert eos.size, f'no EOS in {row}'
+    ends.add(int(eos[0]))
+    assert np.all(row[:eos[0]] > 0) and not row[eos[0] + 1:].any(), row
+  assert len(ends) >= 3, seqs
+  assert len({tuple(row) for row in seqs}) == len(seqs), seqs
+
+
+def test_the_tiny_model_has_learned_something(tiny):
+  config, params, inputs = tiny
+  out = np.asarray(_greedy(params, inputs, config=config))
+  _assert_nontrivial(out)
+  # Mostly the reversed source: the decoder really reads the encoder.
+  src = np.asarray(inputs)
+  right = [np.array_equal(o[:n], s[:n][::-1]) for o, s, n in
+           zip(out, src, (src > 1).sum(1))]
+  assert sum(right) >= BATCH // 2, (out, src)
+
+
+@pytest.mark.parametrize('alpha', [0.0, 0.6, 2.0])
+def test_beam_one_is_greedy_with_the_kv_cache(tiny, alpha):
+  config, params, inputs = tiny
+  np.testing.assert_array_equal(_beam_one(params, inputs, alpha, config=config),
+                                _greedy(params, inputs, config=config))
+
+
+def test_cached_beam_search_equals_recomputing_the_prefix(tiny):
+  config, params, inputs = tiny
+  decode = functools.partial(evaluate._beam_decode, params, inputs, 0.6,
+                             config=config, beam_size=4, max_len=MAX_LEN)
+  cached, uncached = decode(cached=True), decode(cached=False)
+  _assert_nontrivial(cached)
+  np.testing.assert_array_equal(cached, uncached)
+
+
+@functools.partial(jax.jit, static_argnames=('config', 'limit'))
+def _first_step_logits(params, inputs, *, config, limit):
+  """First-step logits of the cached and uncached steps masked at `limit`, and unmasked."""
+  model = EncoderDecoder(config)
+  encoded = model.apply({'params': params}, inputs,
+                        method=EncoderDecoder.encode)
+  dmodel = EncoderDecoder(config.replace(decode=True))
+  cache = init_cache(dmodel, inputs.shape[0], MAX_LEN,
+                     source_len=inputs.shape[1])
+  start = jnp.zeros((inputs.shape[0], 1), jnp.int32)
+  uncached, init = evaluate.uncached_step(model, params, encoded, inputs,
+                                          MAX_LEN, limit)
+  return (evaluate.cached_step(dmodel, params, encoded, inputs, limit)(
+              start, cache)[0],
+          uncached(start, init(inputs.shape[0]))[0],
+          evaluate.cached_step(dmodel, params, encoded, inputs, VOCAB)(
+              start, cache)[0])
+
+
+def test_pad_and_ids_past_the_tokenizer_are_never_chosen(tiny):
+  config, params, inputs = tiny
+  limit = 12  # as if model.vocab_size were padded past a 12-piece tokenizer
+  *masked, full = _first_step_logits(params, inputs, config=config,
+                                     limit=limit)
+  for logits in masked:
+    logits = np.asarray(logits)
+    assert logits.shape == (BATCH, VOCAB)
+    assert np.all(logits[:, 0] == generate.NEG_INF)
+    assert np.all(logits[:, limit:] == generate.NEG_INF)
+    assert np.all(logits[:, 1:limit] > generate.NEG_INF / 2)
+  # Unmasked, the model would pick ids >= limit first (it echoes the source).
+  assert np.any(np.argmax(full, axis=-1) >= limit)
+
+
+# -- 2. a trained smoke workdir: CLI and translation ----------------------------
+
+
+def _data_root():
+  for root in (os.environ.get('TRANSFLAX_DATA'), REPO.parent / 'shared' / 'data'):
+    if root and (pathlib.Path(root) / 'multi30k' / 'train.en.gz').exists():
+      return str(root)
+  pytest.skip('Multi30k not found ($TRANSFLAX_DATA or ../shared/data)')
+
+
+def _cli(*args, stdin=None, check=True):
+  """Runs `python -m train ARGS` from outside the repo, as a user would.
+
+  On one CPU device, as a user would: conftest's 8 simulated devices would
+  shard the smoke model's batches eight ways on two cores, several times
+  slower.
+  """
+  flags = os.environ.get('XLA_FLAGS', '').split()
+  env = {**os.environ, 'TRANSFLAX_DATA': _data_root(), 'XLA_FLAGS': ' '.join(
+      f for f in flags if 'xla_force_host_platform_device_count' not in f)}
+  proc = subprocess.run([sys.executable, '-m', 'train', *map(str, args)],
+                        input=stdin, capture_output=True, text=True, env=env,
+                        cwd='/', timeout=300)
+  if check and proc.returncode:
+    raise AssertionError(f'{args} exited {proc.returncode}:\n{proc.stderr}')
+  return proc
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  """multi30k.py:smoke trained once: checkpoints at steps 4 and 8, best 8.
+
+  On the 1,014 validation pairs: the tokenizer trains and the corpus encodes
+  in a third of the time the 29k training pairs take.
+  """
+  w = tmp_path_factory.mktemp('smoke')
+  _cli('train', '--config', REPO / 'experiments/multi30k.py:smoke',
+       '--workdir', w, '--config.data.train_split=val',
+       '--config.decode.test_sentences=4')
+  return w
+
+
+_LOADED = {}
+
+
+def _load(w, which):
+  """evaluate.load, once per (workdir, checkpoint): each restore takes seconds."""
+  if (w, which) not in _LOADED:
+    _LOADED[w, which] = evaluate.load(str(w), which)
+  return _LOADED[w, which]
+
+
+LINES = ['A dog.', 'Two men are playing soccer in a big green park.',
+         'A woman sings.', 'A child in a red shirt runs on the beach.',
+         'The cat sleeps on a warm chair.', 'Two people walk.']
+
+
+def test_translate_file_one_line_per_line(workdir, tmp_path):
+  lines = ['A man sleeps.', '', 'Two dogs run in the park.', '   ', 'Hello',
+           '']
+  src, dst = tmp_path / 'src.txt', tmp_path / 'hyp.txt'
+  src.write_text(''.join(l + '\n' for l in lines), encoding='utf-8')
+  _cli('translate', '--workdir', workdir, '--input', src, '--output', dst,
+       '--beam_size', 1)
+  out = dst.read_text(encoding='utf-8').split('\n')
+  assert out[-1] == '' and len(out) - 1 == len(lines)
+  out = out[:-1]
+  for line, hyp in zip(lines, out):
+    assert (hyp == '') == (line.strip() == '')
+  run, params = _load(workdir, 'latest')
+  assert out == evaluate.translate(run, params, lines, beam_size=1)
+
+
+def test_translate_stdin_to_stdout_with_a_step(workdir):
+  proc = _cli('translate', '--workdir', workdir, '--checkpoint', 4,
+              '--beam_size', 1, stdin=''.join(l + '\n' for l in LINES))
+  out = proc.stdout.split('\n')
+  assert out[-1] == '' and len(out) - 1 == len(LINES)
+  run, params = _load(workdir, '4')
+  assert out[:-1] == evaluate.translate(run, params, LINES, beam_size=1)
+
+
+def test_checkpoint_choices_load_the_right_params(workdir):
+  leaves = lambda which: jax.tree.leaves(_load(workdir, which)[1])
+  latest, four, eight = leaves('latest'), leaves('4'), leaves('8')
+  for a, b in zip(latest, eight):
+    np.testing.assert_array_equal(a, b)
+  assert any(np.any(np.asarray(a) != np.asarray(b))
+             for a, b in zip(four, eight))
+  # Only the final eval (step 8) measured eval/loss, so it is the best.
+  for a, b in zip(leaves('best'), eight):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_average_command_then_best_and_average_translate(workdir):
+  proc = _cli('average', '--workdir', workdir, '--last', 2)
+  assert 'checkpoints_avg' in proc.stdout
+  _LOADED.pop((workdir, 'average'), None)
+  avg = jax.tree.leaves(_load(workdir, 'average')[1])
+  four = jax.tree.leaves(_load(workdir, '4')[1])
+  eight = jax.tree.leaves(_load(workdir, '8')[1])
+  for a, x, y in zip(avg, four, eight):
+    np.testing.assert_allclose(a, (np.asarray(x) + np.asarray(y)) / 2,
+                               rtol=1e-5, atol=1e-6)
+  for which in ('best', 'average'):
+    proc = _cli('translate', '--workdir', workdir, '--checkpoint', which,
+                '--beam_size', 1, stdin=''.join(l + '\n' for l in LINES[:3]))
+    run, params = _load(workdir, which)
+    assert proc.stdout.split('\n')[:-1] == evaluate.translate(
+        run, params, LINES[:3], beam_size=1), which
+
+
+def test_missing_step_is_a_one_line_error(workdir):
+  proc = _cli('translate', '--workdir', workdir, '--checkpoint', 7,
+              stdin='A dog.\n', check=False)
+  assert proc.returncode == 2, proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and 'step 7' in last, proc.stderr
+  assert 'available steps: [4, 8]' in last
+  assert 'Traceback' not in proc.stderr
+  with pytest.raises(UserError, match='use latest, best, average or a step'):
+    evaluate.load(str(workdir), 'newest')
+
+
+def test_eval_prints_bleu_chrf_signature_and_speed(workdir):
+  proc = _cli('eval', '--workdir', workdir, '--split', 'val', '--beam_size', 1)
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result['split'] == 'val'
+  # The smoke config scores decode.test_sentences of the split.
+  assert result['sentences'] == 4
+  assert 0 <= result['bleu'] <= 100 and 0 <= result['chrf'] <= 100
+  assert re.match(r'nrefs:1\|case:mixed\|eff:no\|tok:13a\|smooth:exp\|'
+                  r'version:', result['bleu_signature'])
+  assert result['chrf_signature'].startswith('nrefs:1|')
+  assert result['sentences_per_sec'] > 0
+
+
+def _echo_decode(params, inputs, alpha, *, config, beam_size, max_len,
+                 cached=True, vocab_limit=None):
+  """A 'translation' that copies the source: output i shows which input it had."""
+  inputs = np.asarray(inputs)[:, :max_len]
+  return np.pad(inputs, ((0, 0), (0, max_len - inputs.shape[1])))
+
+
+def test_outputs_come_back_in_input_order(workdir, monkeypatch):
+  run, params = _load(workdir, 'latest')
+  monkeypatch.setattr(evaluate, '_beam_decode', _echo_decode)
+  lines = LINES + ['', 'A dog.', '  ', 'A second dog runs.']
+  shuffled = random.Random(0).sample(lines, len(lines))
+  for order in (shuffled, shuffled[::-1]):
+    want = [l if l.strip() else '' for l in order]
+    # batch_size 2: several length-sorted batches, including a short last one.
+    assert evaluate.translate(run, params, order, batch_size=2) == want
+  assert evaluate.translate(run, params, []) == []
+  # Byte-fallback pieces can decode to a line break: outputs stay one line.
+  assert evaluate.translate(run, params, ['A dog.\nA cat.']) == [
+      'A dog. A cat.']
+
+
+def test_real_outputs_permute_with_the_inputs(workdir):
+  run, params = _load(workdir, 'latest')
+  order = random.Random(1).sample(range(len(LINES)), len(LINES))
+  forward = evaluate.translate(run, params, [LINES[i] for i in order],
+                               beam_size=1)
+  backward = evaluate.translate(run, params, [LINES[i] for i in order[::-1]],
+                                beam_size=1)
+  assert forward == backward[::-1]
+  assert [forward[order.index(i)] for i in range(len(LINES))] == (
+      evaluate.translate(run, params, LINES, beam_size=1))
+
+
+def test_decode_speed_cached_and_uncached_agree(workdir):
+  run, params = _load(workdir, 'latest')
+  result = evaluate.decode_speed(run, params, LINES[:3], beam_size=1)
+  assert result['same_outputs'] is True
+  assert result['sentences'] == 3 and result['beam_size'] == 1
+  assert result['cached_sentences_per_sec'] > 0
+  assert result['uncached_sentences_per_sec'] > 0
+  assert result['speedup'] == pytest.approx(
+      result['cached_sentences_per_sec'] / result['uncached_sentences_per_sec'])
+
+
+# -- 3. experiments/wmt14.py -------------------------------------------------------
+
+
+def _dry_run_total(arg):
+  proc = _cli('train', '--config', REPO / f'experiments/wmt14.py:{arg}',
+              '--dry_run')
+  total = re.search(r'^\s*total\s+([\d,]+) params', proc.stdout, re.M)
+  assert total, proc.stdout
+  return int(total.group(1).replace(',', ''))
+
+
+@pytest.mark.parametrize('arg, low, high', [
+    ('base', 63e6, 65e6), ('big', 212e6, 215e6)])
+def test_wmt14_parameter_counts_match_the_paper(arg, low, high):
+  # Paper Table 3: 65M (base) and 213M (big) with a 37k shared vocabulary.
+  assert low <= _dry_run_total(arg) <= high
+
+
+def test_wmt14_recipe_is_the_papers():
+  from experiments import wmt14
+  base, big = wmt14.get_config(), wmt14.get_config('big')
+  for c in (base, big):
+    assert (c.data.corpus, c.data.wmt_dataset, c.data.wmt_pair) == (
+        'wmt', 'wmt14', 'de-en')
+    assert (c.data.src_lang, c.data.tgt_lang) == ('en', 'de')
+    assert (c.data.eval_split, c.data.test_split) == ('validation', 'test')
+    assert c.model.vocab_size == c.data.tokenizer.vocab_size == 37000
+    assert c.train.label_smoothing == 0.1
+    o = c.optimizer
+    assert (o.schedule, o.learning_rate, o.warmup_steps) == ('rsqrt', 1.0, 4000)
+    assert (o.b1, o.b2, o.eps) == (0.9, 0.98, 1e-9)
+    assert (c.decode.beam_size, c.decode.alpha) == (4, 0.6)
+    tokens = c.train.batch_size * c.data.max_length
+    assert 23_000 <= tokens <= 27_000
+    assert c.train.keep_checkpoints >= c.train.average_last
+    assert c.model.param_dtype == 'float32'
+  assert (base.model.d_model, base.model.num_heads, base.model.mlp_dim,
+          base.model.dropout_rate) == (512, 8, 2048, 0.1)
+  assert (big.model.d_model, big.model.num_heads, big.model.mlp_dim,
+          big.model.dropout_rate) == (1024, 16, 4096, 0.3)
+  assert (base.train.num_steps, base.train.average_last) == (100_000, 5)
+  assert (big.train.num_steps, big.train.average_last) == (300_000, 20)
+  with pytest.raises(ValueError, match='unknown arg'):
+    wmt14.get_config('huge')
+
+
+def test_wmt14_smoke_trains_end_to_end(tmp_path):
+  proc = _cli('train', '--config', REPO / 'experiments/wmt14.py:smoke',
+              '--workdir', tmp_path)
+  final = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert final['step'] == 6 and final['averaged_last'] == 2
+  assert np.isfinite(final['eval/loss'])
+  assert final['test/sentences'] == 8 and 'test/bleu' in final
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['3', '6']
