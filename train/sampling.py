@@ -4,6 +4,16 @@
 command); the same seed gives the same text and temperature 0 is greedy. The
 sampling algorithms themselves (temperature, top-k, top-p) are in
 model/generate.py and shared with any other decoder.
+
+Where the first token comes from depends on how the LM was trained:
+character models (nanoGPT) saw one unbroken stream, so the prompt's first
+character is the first input; SentencePiece LMs saw documents each followed
+by EOS, so they start from EOS with the whole prompt forced, as at the start
+of a training document.
+
+Models with learned positions know max_len of them; longer samples continue
+with a sliding window over the last max_len tokens, recomputed without the
+cache, as nanoGPT's sample.py crops its context to the block size.
 """
 
 from __future__ import annotations
@@ -16,65 +26,181 @@ import jax.numpy as jnp
 import numpy as np
 
 from data import tokenizer as tokenizers
-from data.errors import UserError
-from model import generate, init_cache
+from model import DecoderLM, generate, init_cache
+
+
+def prompt_ids(tokenizer, prompt: str) -> tuple[int, list[int]]:
+  """(start_id, forced ids): the first decoder input and the prompt after it."""
+  ids = list(tokenizer.encode(prompt, add_eos=False)) if prompt else []
+  if isinstance(tokenizer, tokenizers.CharTokenizer) and ids:
+    return ids[0], ids[1:]
+  return tokenizers.EOS_ID, ids
+
+
+def never_sampled(tokenizer) -> tuple[tuple[int, ...], int]:
+  """(special ids, tokenizer size): what the sampler must never emit.
+
+  PAD, UNK and BOS are never training targets, and ids past the tokenizer
+  (a vocabulary padded for speed) mean nothing; neither is EOS for character
+  models, which saw one unbroken stream (nanoGPT's vocabulary has no EOS), so
+  their samples run to max_new_tokens. An untrained model would otherwise
+  sample them now and then.
+  """
+  specials = [tokenizers.PAD_ID, tokenizers.UNK_ID, tokenizers.BOS_ID]
+  if isinstance(tokenizer, tokenizers.CharTokenizer):
+    specials.append(tokenizers.EOS_ID)
+  return tuple(sorted(specials)), tokenizer.vocab_size
+
+
+def logits_mask(never: tuple[tuple[int, ...], int], vocab_size: int):
+  """[vocab_size] float32 to add to logits: NEG_INF where never_sampled."""
+  specials, size = never
+  banned = np.zeros(vocab_size, bool)
+  banned[list(specials)] = True
+  banned[size:] = True
+  return jnp.where(jnp.asarray(banned), generate.NEG_INF, 0.0)
+
+
+def _state_sharding(params) -> jax.sharding.Sharding:
+  """Replicated over the devices that hold `params`."""
+  sharding = jax.tree_util.tree_leaves(params)[0].sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh,
+                                      jax.sharding.PartitionSpec())
+  return jax.sharding.SingleDeviceSharding(next(iter(sharding.device_set)))
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_step(model_config, start_id: int, top_k: int, top_p: float,
+                 never: tuple[tuple[int, ...], int],
+                 sharding: jax.sharding.Sharding, window: bool = False):
+  """step(params, state, temperature) -> state; one compile per model, settings.
+
+  window=False: one token through the KV cache. window=True: the state's
+  cache is instead the last max_len tokens fed, shifted by one per step, and
+  the full model re-reads them (nanoGPT's sample.py crops the context to its
+  block size the same way); learned positions allow no more.
+  Params are an argument, not a closure: closed-over arrays would be baked
+  into the program as constants (GPT-2's 500 MB) and recompiled per call.
+  The state stays on `sharding` in and out, so one program serves every step.
+  The temperature is traced (greedy included); top-k and top-p shape the
+  program and are static.
+  """
+  # One query per step has no [len, len] matrix for a fused kernel to save,
+  # and XLA's attention takes any dtype and cache length.
+  cfg = model_config.replace(deterministic=True, attention_impl='xla')
+  dmodel = DecoderLM(cfg.replace(decode=True))
+  full = DecoderLM(cfg)
+
+  def step(params, state, temperature):
+    mask = logits_mask(never, model_config.vocab_size)
+
+    def cached(tokens, cache):
+      logits, mut = dmodel.apply({'params': params, 'cache': cache}, tokens,
+                                 mutable=['cache'])
+      return logits[:, 0] + mask, mut['cache']
+
+    def windowed(tokens, fed):
+      fed = jnp.concatenate([fed[:, 1:], tokens], axis=1)
+      return full.apply({'params': params}, fed)[:, -1] + mask, fed
+
+    return generate.sample_step(
+        state, windowed if window else cached, eos_id=tokenizers.EOS_ID,
+        temperature=temperature, top_k=top_k, top_p=top_p, start_id=start_id)
+  return jax.jit(step, out_shardings=sharding, donate_argnums=(1,))
+
+
+class _Detokenizer:
+  """Text of the generated ids, decoded together with the prompt.
+
+  Decoding the continuation alone loses what depends on its left context
+  (SentencePiece drops a leading space; a character split across byte pieces
+  shows as U+FFFD until its last byte arrives), so the prompt's ids are
+  decoded with it and the prompt's text cut off.
+  """
+
+  def __init__(self, tokenizer, context: list[int]):
+    self.tok, self.context = tokenizer, context
+    self.prefix = self._decode([])
+
+  def _decode(self, ids) -> str:
+    return self.tok.decode([self.context + [int(i) for i in ids]])[0]
+
+  def __call__(self, ids) -> str:
+    text = self._decode(ids)
+    if text.startswith(self.prefix):
+      return text[len(self.prefix):]
+    return self.tok.decode([list(ids)])[0]
 
 
 def generate_text(run, params, prompt: str, *, max_new_tokens: int,
                   temperature: float, top_k: int, top_p: float, seed: int,
                   stream: IO[str] | None = None) -> str:
-  """Samples a continuation of `prompt` with the KV cache, one jitted step per token.
+  """Samples a continuation of `prompt`: KV cache, one jitted step per token.
 
-  With `stream`, text is written as tokens arrive. The same seed gives the
-  same text; temperature 0 is greedy.
+  Returns prompt + continuation; with `stream`, the same text is written as
+  tokens arrive (whole characters only). The same seed gives the same text;
+  temperature 0 is greedy. Sampling stops at max_new_tokens or a sampled EOS
+  (never for character models); see never_sampled.
   """
   tok = run.task.tokenizer
-  ids = tok.encode(prompt, add_eos=False) if prompt else []
-  # The LM was trained without a start token: the first prompt token is the
-  # first input, the rest are forced; an empty prompt starts from EOS.
-  start_id = ids[0] if ids else tokenizers.EOS_ID
-  forced = ids[1:]
+  start_id, forced = prompt_ids(tok, prompt)
   total = len(forced) + max_new_tokens
-  if total + 1 > run.model_config.max_len and run.model_config.positions == 'learned':
-    raise UserError(f'prompt ({len(ids)} tokens) + max_new_tokens '
-                    f'({max_new_tokens}) exceed model.max_len '
-                    f'{run.model_config.max_len}')
-  dmodel = run.task.module(decode=True)
-  cache = init_cache(dmodel, 1, total)
-
-  def tokens_to_logits(tokens, cache):
-    logits, mut = dmodel.apply({'params': params, 'cache': cache}, tokens,
-                               mutable=['cache'])
-    return logits[:, 0], mut['cache']
-
-  step = jax.jit(functools.partial(
-      generate.sample_step, tokens_to_logits=tokens_to_logits,
-      eos_id=tokenizers.EOS_ID, temperature=temperature, top_k=top_k,
-      top_p=top_p, start_id=start_id))
+  if total == 0:
+    if stream is not None:
+      stream.write(prompt + '\n')
+    return prompt
+  cfg = run.model_config
+  # Learned positions end at max_len: past it, a sliding window of the last
+  # max_len tokens (no cache) continues the text.
+  cached_len = min(total, cfg.max_len) if cfg.positions == 'learned' else total
+  sharding = _state_sharding(params)
+  settings = (int(start_id), int(top_k), float(top_p), never_sampled(tok),
+              sharding)
+  temperature = jax.device_put(jnp.float32(temperature), sharding)
+  step = _jitted_step(cfg, *settings)
+  cache = init_cache(DecoderLM(cfg.replace(decode=True)), 1, cached_len)
   prompt_arr = jnp.asarray([forced or [0]], jnp.int32)[:, :len(forced)]
   state = generate.init_sampling(prompt_arr, cache, jax.random.PRNGKey(seed),
                                  max_decode_len=total)
+  state = jax.device_put(state, sharding)
+  context = ([] if start_id == tokenizers.EOS_ID else [start_id]) + forced
+  detok = _Detokenizer(tok, context)
   shown = ''
   if stream is not None:
     stream.write(prompt)
     stream.flush()
-  while not bool(generate.sampling_done(state)):
-    state = step(state)
-    index = int(state.index)
+  # The loop is driven from the host with numpy copies: slicing the device
+  # array to a new length every step would compile a new program per step.
+  index, ended = 0, False
+  while index < total and not ended:
+    if index == cached_len:
+      step = _jitted_step(cfg, *settings, window=True)
+      # The tokens fed so far: start_id, then every output but the last.
+      fed = jnp.concatenate([jnp.full((1, 1), start_id, jnp.int32),
+                             state.sequences[:, :cached_len - 1]], axis=1)
+      state = state._replace(cache=jax.device_put(fed, sharding))
+    state = step(params, state, temperature)
+    index, ended = int(state.index), bool(np.asarray(state.ended).all())
     if stream is not None and index > len(forced):
-      text = tok.decode(np.asarray(state.sequences[:, len(forced):index]))[0]
-      stream.write(text[len(shown):])
-      stream.flush()
-      shown = text
-  text = tok.decode(np.asarray(state.sequences[:, len(forced):]))[0]
+      sequence = np.asarray(state.sequences)[0]
+      text = detok(sequence[len(forced):index])
+      # Hold back a character whose bytes have not all arrived.
+      text = text.rstrip('\ufffd')
+      if text.startswith(shown) and len(text) > len(shown):
+        stream.write(text[len(shown):])
+        stream.flush()
+        shown = text
+  text = detok(np.asarray(state.sequences)[0, len(forced):])
   if stream is not None:
-    stream.write(text[len(shown):] + '\n')
+    stream.write((text[len(shown):] if text.startswith(shown) else '') + '\n')
     stream.flush()
   return prompt + text
 
 
 def generate_samples(run, params, prompt: str, *, num_samples: int = 1,
-             stream: IO[str] | None = None, seed: int = 0, **kwargs) -> list[str]:
+                     stream: IO[str] | None = None, seed: int = 0,
+                     **kwargs) -> list[str]:
   """`num_samples` continuations (seeds seed, seed+1, ...), streamed in turn."""
   out = []
   for i in range(num_samples):

@@ -1,0 +1,136 @@
+r"""GPT-2 small (124M) and medium (355M): nanoGPT's train_gpt2 recipe.
+
+  # Shapes, parameter count and shardings, no data needed:
+  transflax train --config experiments/gpt2.py:small --dry_run
+  # Training on local text (one document per line; UTF-8, plain or .gz):
+  transflax train --config experiments/gpt2.py:small --workdir runs/gpt2 \
+      --config.data.files.train=owt_train.txt \
+      --config.data.files.val=owt_val.txt \
+      --config.data.tokenizer.path=gpt2_bpe.model
+  transflax generate --workdir runs/gpt2 --prompt 'The meaning of life is'
+  transflax bench --config experiments/gpt2.py:small --steps 20
+
+Args after the colon: small (default), medium, smoke.
+
+Model: GPT-2 (Radford et al. 2019) as nanoGPT trains it: pre-LayerNorm (eps
+1e-5), GELU, learned positions over 1024 tokens, tied input/output embedding
+without sqrt(d) scaling (init std 0.02), no biases in the projections
+(nanoGPT's train.py bias=False; LayerNorms keep theirs), no dropout. Small:
+12 layers, d_model 768, 12 heads = 124M parameters with the 50,257-token
+vocabulary (`--dry_run` prints 124.4M). Medium: 24 layers, d_model 1024, 16
+heads = 355M. Dense kernels are Xavier-uniform, not nanoGPT's N(0, 0.02) with
+the 1/sqrt(2 * layers) residual scaling.
+
+Optimizer (nanoGPT config/train_gpt2.py + train.py): AdamW (0.9, 0.95), eps
+1e-8, weight decay 0.1 on matrices only, clipping 1.0, 2000 warmup steps,
+cosine from 6e-4 to 6e-5 over 600k steps; no label smoothing. Medium uses
+3e-4 (GPT-3 paper, Table 2.1, for its 350M model). A step is 480 rows of 1024
+tokens (491,520 tokens, nanoGPT's ~0.5M), as `train.grad_accum_steps` = 5
+micro-batches of 96 rows: 12 rows per GPU on 8 GPUs, nanoGPT's setting. On
+one GPU use --config.train.grad_accum_steps=40 (12 rows per micro-batch).
+Compute is bfloat16 with float32 parameters and optimizer state
+(model.dtype); add --config.model.attention_impl=cudnn on Ampere/Hopper GPUs
+for the fused attention kernel (no [len, len] matrix in memory).
+
+Data: `data.corpus='text'` reads data.files.train / data.files.val, one
+document per line, each followed by EOS. The tokenizer is a SentencePiece BPE
+with byte fallback and 50,257 pieces (GPT-2's vocabulary size, not its
+merges). Train it once on a sample of the corpus, since training on all of
+OpenWebText would not fit in memory, and pass it as data.tokenizer.path:
+
+  python -c "from data import tokenizer; tokenizer.train_tokenizer(
+      'owt_sample.txt', vocab_size=50257, model_type='bpe',
+      character_coverage=0.9995, path='gpt2_bpe.model')"
+
+The whole training text is read and tokenized in memory, so this suits
+corpora of a few GB; OpenWebText/FineWeb-scale data needs a pre-tokenized,
+memory-mapped reader (not yet in data/).
+
+Hardware and expected result: one host with 8 x A100 40GB or better
+(nanoGPT's reference; multi-host via mesh.*). nanoGPT reaches val loss ~2.85
+on OpenWebText after 600k steps (~295B tokens, ~4 days on 8 x A100). Losses
+with our tokenizer are per SentencePiece token, so they compare with that
+number only roughly; the measured result goes in README.md.
+
+`:smoke` trains a 2-layer model for a few steps on Tiny Shakespeare (one
+line = one document) with a 512-piece BPE, on a CPU in seconds, through the
+same code path; it needs only $TRANSFLAX_DATA.
+
+Reference: Karpathy, nanoGPT (github.com/karpathy/nanoGPT),
+config/train_gpt2.py; Radford et al. 2019, "Language Models are Unsupervised
+Multitask Learners".
+"""
+
+from experiments import defaults
+
+ARGS = ('small', 'medium', 'smoke')
+
+
+def get_config(arg: str | None = None):
+  arg = arg or 'small'
+  if arg not in ARGS:
+    raise ValueError(f'experiments/gpt2.py: unknown arg {arg!r}; use one of '
+                     f'{", ".join(ARGS)}')
+  c = defaults.get_config('gpt2_medium' if arg == 'medium' else 'gpt2_small')
+  c.task = 'lm'
+  c.data.corpus = 'text'
+  # Declared so that --config.data.files.train=... can set them (the config
+  # is locked against unknown keys).
+  c.data.files.train = ''
+  c.data.files.val = ''
+  c.data.train_split, c.data.eval_split = 'train', 'val'
+  c.data.test_split = 'val'
+  c.data.seq_len = 1024
+  c.data.tokenizer.type = 'sentencepiece'
+  c.data.tokenizer.model_type = 'bpe'
+  c.data.tokenizer.vocab_size = 50257
+  c.data.tokenizer.character_coverage = 0.9995
+
+  # Fixed rather than "the tokenizer's" so --dry_run and bench need no data.
+  c.model.vocab_size = 50257
+  c.model.use_bias = False
+  c.model.dropout_rate = 0.0
+  c.model.dtype = 'bfloat16'
+  c.model.param_dtype = 'float32'
+
+  c.train.batch_size = 480          # x 1024 tokens = 491,520 tokens per step
+  c.train.grad_accum_steps = 5      # micro-batches of 96 rows: 12 per GPU on 8
+  c.train.num_steps = 600_000
+  c.train.label_smoothing = 0.0
+  c.train.log_every = 10
+  c.train.eval_every = 1000         # nanoGPT eval_interval
+  c.train.eval_batch_size = 96
+  c.train.max_eval_batches = 25     # 2,400 rows ~ nanoGPT's eval_iters=200 x 12
+  c.train.checkpoint_every = 1000
+  c.train.keep_checkpoints = 3
+
+  c.optimizer.schedule = 'cosine'
+  c.optimizer.learning_rate = 3e-4 if arg == 'medium' else 6e-4
+  c.optimizer.min_lr_ratio = 0.1    # min_lr = learning_rate / 10
+  c.optimizer.warmup_steps = 2000
+  c.optimizer.decay_steps = 0       # = num_steps (lr_decay_iters = max_iters)
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.1
+  c.optimizer.grad_clip = 1.0
+
+  c.sample.prompt = ''              # starts a new document (after EOS)
+  c.sample.max_new_tokens = 200
+  c.sample.temperature = 0.8
+  c.sample.top_k = 200
+
+  if arg == 'smoke':
+    c.data.corpus = 'tinyshakespeare'
+    c.data.seq_len = 64
+    c.data.tokenizer.vocab_size = 512  # 4 specials + 256 bytes + merges
+    c.data.tokenizer.character_coverage = 1.0
+    c.model.update(vocab_size=512, d_model=32, num_heads=4, mlp_dim=128,
+                   num_decoder_layers=2, max_len=64, dtype='float32')
+    # 8 rows: divisible by the 8 simulated CPU devices of the tests.
+    c.train.update(batch_size=16, grad_accum_steps=2, num_steps=8,
+                   log_every=4, eval_every=8, checkpoint_every=8,
+                   eval_batch_size=16, max_eval_batches=2, keep_checkpoints=1)
+    c.optimizer.update(warmup_steps=2, learning_rate=1e-3)
+    c.sample.max_new_tokens = 16
+  return c
