@@ -238,14 +238,28 @@ def translation_train(pairs_ids: Sequence[tuple[Sequence[int], Sequence[int]]], 
   return TrainDataset(ds, num_examples=len(shard), num_dropped=dropped)
 
 
-class _Block(grain.transforms.Map):
-  """Block index -> LM example: stream[i*L : i*L+L+1] as inputs/targets [L]."""
+class _Block(grain.transforms.MapWithIndex):
+  """(stream index, block i) -> LM example of L tokens starting near i*L.
 
-  def __init__(self, tokens: np.ndarray, seq_len: int):
+  Epoch 0 uses the aligned grid stream[i*L : i*L+L+1]. Every later epoch
+  shifts the whole grid by a seeded offset in [0, L), so training sees every
+  window alignment over time, not the same num_blocks windows each epoch
+  (a small corpus like Tiny Shakespeare otherwise overfits those few
+  thousand windows; nanoGPT samples random offsets for the same reason). A
+  block the shift would push past the end starts at the last full window.
+  """
+
+  def __init__(self, tokens: np.ndarray, seq_len: int, blocks_per_epoch: int,
+               seed: int):
     self._tokens, self._len = tokens, seq_len
+    self._per_epoch, self._seed = blocks_per_epoch, seed
 
-  def map(self, i):
-    block = self._tokens[i * self._len:i * self._len + self._len + 1]
+  def map_with_index(self, index, i):
+    epoch = index // self._per_epoch
+    offset = (0 if epoch == 0 else
+              int(np.random.default_rng([self._seed, epoch]).integers(self._len)))
+    start = min(i * self._len + offset, len(self._tokens) - 1 - self._len)
+    block = self._tokens[start:start + self._len + 1]
     return {'inputs': block[:-1], 'targets': block[1:],
             'inputs_segmentation': np.ones(self._len, np.int32),
             'inputs_position': np.arange(self._len, dtype=np.int32)}
@@ -261,7 +275,11 @@ def _lm_tokens(tokens) -> np.ndarray:
 
 def lm_train(tokens: np.ndarray, *, batch_size: int, seq_len: int, seed: int,
              shard_index: int = 0, shard_count: int = 1) -> TrainDataset:
-  """Infinite batches [batch_size, seq_len] of shuffled contiguous blocks of `tokens` [n]."""
+  """Infinite batches [batch_size, seq_len] of shuffled contiguous blocks of `tokens` [n].
+
+  Each epoch visits every block of this shard once; epochs after the first
+  shift the block grid by a seeded offset (see `_Block`).
+  """
   _check(batch_size=batch_size, seq_len=seq_len)
   _check_shard(shard_index, shard_count)
   _check_seed(seed)
@@ -276,7 +294,8 @@ def lm_train(tokens: np.ndarray, *, batch_size: int, seq_len: int, seed: int,
   logging.info('lm_train: %d blocks of %d tokens; %d trailing tokens unused.',
                num_blocks, seq_len, dropped)
   blocks = grain.MapDataset.range(num_blocks)[shard_index::shard_count]
-  ds = (blocks.shuffle(seed=seed).repeat().map(_Block(tokens, seq_len))
+  ds = (blocks.shuffle(seed=seed).repeat()
+        .map_with_index(_Block(tokens, seq_len, len(blocks), seed))
         .batch(batch_size, drop_remainder=True).to_iter_dataset(_READ))
   return TrainDataset(ds, num_examples=len(blocks), num_dropped=dropped)
 

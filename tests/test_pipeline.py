@@ -152,6 +152,18 @@ def test_lm_blocks_shards_and_contract():
   assert starts == [16 * i for i in range(10)]  # Block i = tokens[16i : 16i + 17].
 
 
+def test_lm_later_epochs_shift_the_block_grid():
+  tokens = np.arange(5, 5 + 16 * 10 + 3)
+  ds = pipeline.lm_train(tokens, batch_size=10, seq_len=16, seed=0)
+  epochs = [sorted(int(r[0]) - 5 for r in b['inputs']) for b in _take(ds, 6)]
+  assert epochs[0] == [16 * i for i in range(10)]
+  offsets = {e[0] for e in epochs[1:]}
+  assert len(offsets) > 1  # The grid moves from epoch to epoch.
+  for e in epochs:
+    assert e[-1] + 17 <= len(tokens)  # Every window stays inside the stream.
+    assert len(set(e)) == 10
+
+
 @pytest.mark.parametrize('kind', ['packed', 'unpacked', 'lm', 'prefetched'])
 def test_iterator_state_restores_exactly(kind):
   """After several epochs, a fresh iterator set to a saved state continues identically."""
