@@ -218,6 +218,7 @@ def _sentences(files_or_texts) -> Iterable[str]:
 
 def train_tokenizer(files_or_texts, *, vocab_size: int,
                     model_type: str = 'unigram', character_coverage: float = 1.0,
+                    max_sentences: int = 0,
                     path: str | os.PathLike | None = None) -> Tokenizer:
   """Trains a SentencePiece tokenizer; deterministic for the same inputs and options.
 
@@ -232,15 +233,25 @@ def train_tokenizer(files_or_texts, *, vocab_size: int,
     model_type: 'unigram', 'bpe' or 'char'.
     character_coverage: share of characters covered by pieces; the rest are
       spelled as bytes. 1.0 for small alphabets, ~0.9995 for CJK.
+    max_sentences: train on a seeded uniform sample of this many sentences
+      (0: all). WMT-sized corpora need it: SentencePiece holds every training
+      sentence in memory.
     path: if given, the model is also saved there.
   """
   if model_type not in ('unigram', 'bpe', 'char'):
     raise UserError(f"model_type {model_type!r} unknown; use 'unigram', 'bpe' or 'char'.")
+  sentences = _sentences(files_or_texts)
+  if max_sentences:
+    sentences = list(sentences)
+    if len(sentences) > max_sentences:
+      keep = np.random.default_rng(_SEED).choice(len(sentences), max_sentences,
+                                                 replace=False)
+      sentences = [sentences[i] for i in np.sort(keep)]
   model = io.BytesIO()
   spm.set_random_generator_seed(_SEED)
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_sentences(files_or_texts)),
+        sentence_iterator=iter(sentences),
         model_writer=model, model_type=model_type, vocab_size=vocab_size,
         character_coverage=character_coverage,
         # Text must survive encode/decode unchanged (BLEU is computed on it).

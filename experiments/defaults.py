@@ -25,7 +25,7 @@ def get_config(preset: str = 'transformer_base') -> ml_collections.ConfigDict:
   c.data.wmt_dataset = 'wmt14'      # HF datasets name (corpus=wmt)
   c.data.wmt_pair = 'de-en'         # HF datasets config (corpus=wmt)
   # corpus=parallel/text: split -> 'SRC,TGT' files, one .tsv, or 'F1,F2' text.
-  c.data.files = ml_collections.ConfigDict()
+  c.data.files = ml_collections.ConfigDict(dict(train='', val='', test=''))
   c.data.train_split = 'train'
   c.data.eval_split = 'val'         # eval loss (and BLEU) during training
   c.data.test_split = 'test_2016_flickr'  # final evaluation
@@ -38,6 +38,7 @@ def get_config(preset: str = 'transformer_base') -> ml_collections.ConfigDict:
   c.data.tokenizer.vocab_size = 8000
   c.data.tokenizer.model_type = 'unigram'  # unigram | bpe | char
   c.data.tokenizer.character_coverage = 1.0
+  c.data.tokenizer.max_sentences = 0  # train on a seeded sample; 0 = all
 
   # TransformerConfig fields; vocab_size 0 = the tokenizer's size.
   c.model = ml_collections.ConfigDict(get_preset(preset).to_dict())

@@ -74,10 +74,6 @@ def get_config(arg: str | None = None):
   c = defaults.get_config('gpt2_medium' if arg == 'medium' else 'gpt2_small')
   c.task = 'lm'
   c.data.corpus = 'text'
-  # Declared so that --config.data.files.train=... can set them (the config
-  # is locked against unknown keys).
-  c.data.files.train = ''
-  c.data.files.val = ''
   c.data.train_split, c.data.eval_split = 'train', 'val'
   c.data.test_split = 'val'
   c.data.seq_len = 1024

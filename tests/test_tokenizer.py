@@ -147,3 +147,16 @@ def test_char_tokenizer_io_and_errors(tmp_path):
   (tmp_path / 'bad.json').write_text('{"format": "something else"}')
   with pytest.raises(UserError, match='bad.json'):
     tokenizer.load(tmp_path / 'bad.json')
+
+
+def test_sentence_sample_is_seeded_and_used():
+  rng = np.random.default_rng(0)
+  words = [''.join(rng.choice(list('abcdefghij'), size=rng.integers(2, 7)))
+           for _ in range(300)]
+  texts = [' '.join(rng.choice(words, size=8)) for _ in range(800)]
+  train = lambda **kw: tokenizer.train_tokenizer(texts, vocab_size=300, **kw)
+  sample = train(max_sentences=100)
+  full = train()
+  assert sample.serialized == train(max_sentences=100).serialized
+  assert sample.serialized != full.serialized  # The sample, not everything.
+  assert train(max_sentences=10_000).serialized == full.serialized

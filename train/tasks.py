@@ -112,10 +112,10 @@ class Translation(Task):
       return sources.wmt(d.wmt_pair, split, d.src_lang, d.tgt_lang,
                          dataset=d.wmt_dataset)
     if d.corpus == 'parallel':
-      files = dict(d.files)
-      if split not in files:
+      files = d.files.to_dict()
+      if not files.get(split):
         raise UserError(f'data.files has no entry for split {split!r}; give '
-                        f'data.files.{split}=SRC_FILE,TGT_FILE or a .tsv')
+                        f'--config.data.files.{split}=SRC_FILE,TGT_FILE or a .tsv')
       paths = [p for p in str(files[split]).split(',') if p]
       return (sources.read_tsv(paths[0]) if len(paths) == 1
               else sources.read_parallel(*paths))
@@ -127,7 +127,8 @@ class Translation(Task):
     texts = [s for pair in corpus.pairs for s in pair]  # shared vocabulary
     return tokenizers.train_tokenizer(
         texts, vocab_size=tok_cfg.vocab_size, model_type=tok_cfg.model_type,
-        character_coverage=tok_cfg.character_coverage)
+        character_coverage=tok_cfg.character_coverage,
+        max_sentences=tok_cfg.max_sentences)
 
   def encode(self, corpus):
     src = self.tokenizer.encode([s for s, _ in corpus.pairs])
@@ -171,10 +172,10 @@ class LanguageModel(Task):
     if d.corpus == 'tinyshakespeare':
       return sources.tinyshakespeare(split, root=self.root)
     if d.corpus == 'text':
-      files = dict(d.files)
-      if split not in files:
+      files = d.files.to_dict()
+      if not files.get(split):
         raise UserError(f'data.files has no entry for split {split!r}; give '
-                        f'data.files.{split}=FILE[,FILE...]')
+                        f'--config.data.files.{split}=FILE[,FILE...]')
       return sources.read_text([p for p in str(files[split]).split(',') if p])
     raise UserError(f'data.corpus={d.corpus!r} is not one of tinyshakespeare, '
                     f'text for task lm')
@@ -189,7 +190,8 @@ class LanguageModel(Task):
     return tokenizers.train_tokenizer(
         [line for line in text.split('\n') if line],
         vocab_size=tok_cfg.vocab_size, model_type=tok_cfg.model_type,
-        character_coverage=tok_cfg.character_coverage)
+        character_coverage=tok_cfg.character_coverage,
+        max_sentences=tok_cfg.max_sentences)
 
   def tokens(self, split: str) -> np.ndarray:
     text = self.text(split)
