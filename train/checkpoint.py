@@ -22,8 +22,10 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sys
 import threading
 import time
+import traceback
 from typing import Any, Literal, Sequence
 
 from etils import epath
@@ -41,14 +43,24 @@ StepSpec = int | Literal['latest', 'best'] | None
 _ITEMS = ('state', 'data', 'meta')
 
 
-class _NoMissingMetricsWarning(logging.Filter):
-  """Drops Orbax's warning for saves without metrics: ours are by design."""
+# Orbax warnings that describe what this module does on purpose: saves
+# without metrics, and the read-only managers of evaluators and averaging.
+_BENIGN_ORBAX_WARNINGS = (
+    'did not provide metrics',
+    'Given directory is read only',
+)
+
+
+class _NoBenignOrbaxWarnings(logging.Filter):
+  """Drops `_BENIGN_ORBAX_WARNINGS` (Orbax logs through absl's logger, as do
+  we, so the filter matches messages rather than silencing the logger)."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return 'did not provide metrics' not in str(record.msg)
+    msg = str(record.msg)
+    return not any(benign in msg for benign in _BENIGN_ORBAX_WARNINGS)
 
 
-logging.getLogger('absl').addFilter(_NoMissingMetricsWarning())
+logging.getLogger('absl').addFilter(_NoBenignOrbaxWarnings())
 
 
 class Checkpointer:
@@ -94,6 +106,8 @@ class Checkpointer:
                                keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         best_fn=best_fn, best_mode=best_mode, read_only=read_only,
+        # Orbax warns when a read-only manager keeps its default of 1.
+        save_interval_steps=0 if read_only else 1,
         preservation_policy=None if read_only else pp.AnyPreservationPolicy(
             policies),
         enable_async_checkpointing=async_save, create=not read_only,
@@ -214,6 +228,8 @@ class Checkpointer:
     else:
       raise ValueError(f"step must be an int, 'latest', 'best' or None: {step!r}")
 
+    # Before the first attempt: the noise of a failed one can come at once.
+    _quiet_failed_restore_aftermath(self.directory)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                               data=ocp.args.JsonRestore(),
                               meta=ocp.args.JsonRestore())
@@ -270,15 +286,17 @@ class Checkpointer:
 
     Cheap (no tensor reads); deeper damage surfaces when restoring. Runs
     before Orbax lists the directory since Orbax parses metrics eagerly.
+    Process 0 alone moves damaged steps away while the others wait at the
+    barrier, which every process reaches, directory or not: a process that
+    skipped it would meet the others at Orbax's next barrier instead.
     """
-    if not self.directory.exists():
-      return
-    for path in sorted(self.directory.iterdir()):
-      if not path.name.isdigit() or not path.is_dir():
-        continue
-      problem = _step_dir_problem(path)
-      if problem:
-        self._set_aside(int(path.name), problem)
+    if (self.read_only or jax.process_index() == 0) and self.directory.exists():
+      for path in sorted(self.directory.iterdir()):
+        if not path.name.isdigit() or not path.is_dir():
+          continue
+        problem = _step_dir_problem(path)
+        if problem:
+          self._set_aside(int(path.name), problem)
     _sync('transflax:checkpoint_scan')
 
   def _set_aside(self, step: int, why: str) -> None:
@@ -295,6 +313,58 @@ class Checkpointer:
                     step, self.directory, why, target.name)
     if jax.process_index() == 0 and path.exists():
       path.rename(target)
+
+
+class _NoUnawaitedReadErrors(logging.Filter):
+  """Drops asyncio's reports of failed reads of `directories` nobody awaited."""
+
+  def __init__(self):
+    super().__init__()
+    self.directories: set[str] = set()
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    msg = record.getMessage()
+    if not msg.startswith(('Task exception was never retrieved',
+                           'Future exception was never retrieved')):
+      return True
+    error = record.exc_info[1] if record.exc_info else None
+    text = f'{msg} {error}'
+    return not any(d in text for d in self.directories)
+
+
+_UNAWAITED_READ_ERRORS = _NoUnawaitedReadErrors()
+
+
+def _quiet_failed_restore_aftermath(directory: epath.Path) -> None:
+  """Keeps the tracebacks of reads that outlive a failed restore off stderr.
+
+  When one array of a checkpoint in `directory` cannot be read, Orbax's
+  restore stops at the first error and closes its asyncio loop while reads of
+  other arrays are still in flight. Their ends show up as tracebacks:
+  TensorStore threads calling `loop.call_soon_threadsafe` (RuntimeError
+  'Event loop is closed', printed as unraisable exceptions), and asyncio's
+  'Task/Future exception was never retrieved' for the other failed reads.
+  The failure itself is what `restore` reports and handles, so exactly these
+  are dropped; every other unraisable exception and asyncio error still shows.
+  """
+  _UNAWAITED_READ_ERRORS.directories.add(str(directory))
+  asyncio_logger = logging.getLogger('asyncio')
+  if _UNAWAITED_READ_ERRORS not in asyncio_logger.filters:
+    asyncio_logger.addFilter(_UNAWAITED_READ_ERRORS)
+  previous = sys.unraisablehook
+  if getattr(previous, 'transflax_closed_loop_filter', False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if (isinstance(e, RuntimeError) and str(e) == 'Event loop is closed'
+        and any(f.name == 'call_soon_threadsafe'
+                for f in traceback.extract_tb(e.__traceback__))):
+      return
+    previous(unraisable)
+
+  hook.transflax_closed_loop_filter = True
+  sys.unraisablehook = hook
 
 
 def _step_dir_problem(path: epath.Path) -> str | None:
