@@ -18,7 +18,7 @@ import base64
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -45,14 +45,21 @@ class NonFiniteLoss(UserError):
 class Run:
   """Everything a run builds from (config, workdir); shared by train/eval/translate."""
 
-  def __init__(self, config, workdir: str, *, for_training: bool = True):
+  def __init__(self, config, workdir: str, *, for_training: bool = True,
+               devices: Sequence[jax.Device] | None = None):
+    """`devices`: the mesh's devices (default: all), e.g. jax.devices()[:1]
+    to continue an 8-device run on one device."""
     self.config = config
     self.workdir = workdir
+    # Random bits must not depend on the mesh, so DP, FSDP, TP and resharded
+    # restores draw the same dropout masks (the default in recent JAX, but
+    # pinned here since exact resume and mesh invariance rely on it).
+    jax.config.update('jax_threefry_partitionable', True)
     m = config.mesh
     partitioning.maybe_initialize_distributed(
         m.coordinator_address or None, m.num_processes or None,
         None if m.process_id < 0 else m.process_id)
-    self.mesh = partitioning.make_mesh(m.data, m.fsdp, m.tensor)
+    self.mesh = partitioning.make_mesh(m.data, m.fsdp, m.tensor, devices)
     self.rules = partitioning.rules_from_config(m.rules)
     self.task = tasks.make_task(config, workdir)
     self.model_config = self.task.model_config
@@ -177,14 +184,20 @@ def write_config(config, workdir: str, model_config) -> None:
     json.dump(resolved, f, indent=2, sort_keys=True, default=str)
 
 
-def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True
+def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True,
+                       devices: Sequence[jax.Device] | None = None
                        ) -> dict[str, float]:
-  """Trains to config.train.num_steps (resuming if possible); returns the last metrics."""
+  """Trains to config.train.num_steps (resuming if possible); returns the last metrics.
+
+  `devices` restricts the mesh to those devices (default: all of them).
+  """
   from train import evaluate  # decoding and BLEU; imported late (heavier)
   t = config.train
-  run = Run(config, workdir)
-  write_config(config, workdir, run.model_config)
+  run = Run(config, workdir, devices=devices)
+  # Restoring first refuses another model's workdir before anything in it
+  # (config.json included) is overwritten.
   step, state, data_state = run.restore_or_init()
+  write_config(config, workdir, run.model_config)
   counts = state_lib.count_params(run.abstract_state.params)
   logging.info('parameters: %s', counts)
   if jax.process_index() == 0:
@@ -206,7 +219,7 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True
                                z_loss=t.z_loss,
                                grad_accum_steps=t.grad_accum_steps),
       run.shardings, run.mesh, run.rules)
-  peak = metrics_lib.peak_flops_per_device(jax.devices()[0],
+  peak = metrics_lib.peak_flops_per_device(run.mesh.devices.flat[0],
                                            config.metrics.peak_flops or None)
   writer = metrics_lib.MetricWriter(workdir, total_steps=t.num_steps,
                                     is_chief=jax.process_index() == 0)
@@ -220,13 +233,22 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True
     return step
 
   def check_finite(window, step):
-    losses = jax.device_get([m['loss'] for m in window])
-    if not all(np.isfinite(losses)):
+    # A finite loss with a non-finite gradient still poisons the parameters
+    # this step saves, so both must be finite for a checkpoint to be good.
+    host = jax.device_get([(m['loss'], m['grad_norm']) for m in window])
+    bad = [i for i, (l, g) in enumerate(host)
+           if not (np.isfinite(l) and np.isfinite(g))]
+    if bad:
+      i = bad[0]
+      first = step - len(window) + 1 + i  # the first bad step in the window
+      kept = (f'the last good checkpoint is step {last_good_step} in '
+              f'{run.ckpt.directory}' if last_good_step is not None else
+              'no checkpoint had been saved yet')
       raise NonFiniteLoss(
-          f'non-finite training loss at step {step} (losses since the last log: '
-          f'{losses}); the last good checkpoint is step {last_good_step} in '
-          f'{run.ckpt.directory}. Lower optimizer.learning_rate, raise '
-          f'optimizer.warmup_steps or set optimizer.grad_clip, and resume.')
+          f'non-finite training loss or gradient at step {first} (loss '
+          f'{float(host[i][0])}, gradient norm {float(host[i][1])}); {kept}. '
+          f'Lower optimizer.learning_rate, raise optimizer.warmup_steps or '
+          f'set optimizer.grad_clip, and resume.')
 
   try:
     with checkpoint.PreemptionGuard() as guard:
@@ -245,7 +267,7 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True
           out['train/tokens_per_sec'] = out['train/tokens'] / elapsed
           out['train/mfu'] = metrics_lib.mfu(flops / len(window),
                                              out['train/step_time'],
-                                             jax.device_count(), peak)
+                                             run.mesh.size, peak)
           writer.write(step, out)
           window, flops, timer = [], 0.0, time.perf_counter()
         if t.eval_every and (step % t.eval_every == 0 or step == t.num_steps):
