@@ -12,11 +12,14 @@ A mistake the user can fix prints one line `error: ...` and exits with 2.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import sys
 
 from absl import flags, logging
+import jax
+import ml_collections
 from ml_collections import config_flags
 
 from data.errors import UserError
@@ -74,8 +77,9 @@ def _cmd_train() -> None:
     return
   from train import loop
   final = loop.train_and_evaluate(config, _require('workdir'))
-  print(json.dumps({k: v for k, v in final.items()
-                    if isinstance(v, (int, float, str))}, sort_keys=True))
+  if jax.process_index() == 0:  # One result line per run, not per host.
+    print(json.dumps({k: v for k, v in final.items()
+                      if isinstance(v, (int, float, str))}, sort_keys=True))
 
 
 def _cmd_translate() -> None:
@@ -127,6 +131,97 @@ def _cmd_bench() -> None:
   print(json.dumps(bench.benchmark(FLAGS.config, steps=FLAGS.steps), indent=2))
 
 
+def _override_paths(argv: list[str]) -> list[str]:
+  """Dotted keys of the `--config.a.b=v` / `--config.a.b v` flags in argv."""
+  return [arg.lstrip('-')[len('config.'):].split('=', 1)[0]
+          for arg in argv if arg.lstrip('-').startswith('config.')]
+
+
+def _without_overrides(argv: list[str]) -> list[str]:
+  out, skip = [], False
+  for i, arg in enumerate(argv):
+    if skip:
+      skip = False
+    elif arg.lstrip('-').startswith('config.'):
+      # `--config.a.b VALUE`: the value goes too.
+      skip = ('=' not in arg and i + 1 < len(argv)
+              and not argv[i + 1].startswith('--'))
+    else:
+      out.append(arg)
+  return out
+
+
+def _unknown_key(config, path: str) -> str | None:
+  """Why `path` is not a key of `config` (with a suggestion), or None."""
+  node, parts = config, path.split('.')
+  for i, part in enumerate(parts):
+    where = 'config.' + '.'.join(parts[:i]) if i else 'the config'
+    if not isinstance(node, ml_collections.ConfigDict):
+      return (f'unknown config key --config.{path}: {where} is a '
+              f'{type(node).__name__}, not a group of keys')
+    if part not in node:
+      near = difflib.get_close_matches(part, list(node.keys()), n=1)
+      hint = (f'; did you mean --config.{".".join(parts[:i] + near)}?'
+              if near else '')
+      return f'unknown config key --config.{path}: {where} has no {part!r}{hint}'
+    node = node[part]
+  return None
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """Names an override of a key the config lacks, or None.
+
+  config_flags applies overrides while it loads the file and then fails with
+  a bare KeyError/AttributeError, so the config is re-read without them.
+  Only runs on the error path.
+  """
+  paths = _override_paths(argv)
+  if not paths:
+    return None
+  base = _without_overrides(argv)
+  try:
+    FLAGS.unparse_flags()
+    sys.argv = base  # config_flags reads overrides from sys.argv
+    FLAGS(base)
+    config = FLAGS.config
+    problems = [_unknown_key(config, p) for p in paths]
+  except Exception:  # pylint: disable=broad-except
+    return None
+  finally:
+    sys.argv = argv
+  return next((p for p in problems if p), None)
+
+
+def _one_line(error: BaseException) -> str:
+  """A flag error as one line: config_flags embeds whole tracebacks."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if len(lines) > 1 and any(l.startswith('Traceback') for l in lines):
+    return f'{lines[0]} {lines[-1]}'
+  return ' '.join(lines)
+
+
+def _parse_flags(argv: list[str]) -> None:
+  """Parses absl flags and the config; every mistake becomes one UserError."""
+  sys.argv = argv  # config_flags reads the --config.a.b overrides from here
+  try:
+    FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    problem = _unknown_override(argv)
+    if problem:
+      raise UserError(problem) from None
+    if isinstance(e, (flags.Error, AttributeError, KeyError)):
+      raise UserError(_one_line(e)) from None
+    raise
+  config = FLAGS.config
+  if config is not None:
+    try:  # config_flags defers a config file's load error to its first use.
+      config.keys  # pylint: disable=pointless-statement
+    except OSError as e:
+      cause = e.__cause__ or e
+      last = [l.strip() for l in str(cause).splitlines() if l.strip()][-1]
+      raise UserError(f'cannot load the --config file: {last}') from None
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] not in COMMANDS:
@@ -134,14 +229,13 @@ def main(argv: list[str] | None = None) -> int:
           f'module docstring of train/cli.py', file=sys.stderr)
     return 2
   command = argv[1]
-  try:
-    FLAGS(argv[:1] + argv[2:])
-  except flags.Error as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  # Before any JAX computation: random bits that do not depend on the mesh.
+  jax.config.update('jax_threefry_partitionable', True)
+  # Our warnings stay visible; Orbax's routine INFO chatter does not.
   logging.set_verbosity(logging.WARNING)
-  sys.argv = argv
   try:
+    _parse_flags(argv[:1] + argv[2:])
+    sys.argv = argv
     globals()[f'_cmd_{command}']()
   except UserError as e:
     print(f'error: {e}', file=sys.stderr)
