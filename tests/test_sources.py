@@ -14,15 +14,7 @@ import pytest
 
 from data import sources
 from data.errors import UserError
-
-
-def _data_root() -> pathlib.Path:
-  """Real corpora: $TRANSFLAX_DATA, else the project's sibling ../shared/data."""
-  for root in (os.environ.get('TRANSFLAX_DATA'),
-               pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'):
-    if root and (pathlib.Path(root) / 'multi30k' / 'train.en.gz').exists():
-      return pathlib.Path(root)
-  pytest.skip('Multi30k not found ($TRANSFLAX_DATA or ../shared/data)')
+from corpora import data_root
 
 
 def _write(path: pathlib.Path, data: bytes) -> pathlib.Path:
@@ -93,7 +85,7 @@ def test_read_text_concatenates(tmp_path):
 
 
 def test_multi30k_real_splits_and_checksums():
-  root = _data_root()
+  root = data_root()
   for split, n in (('train', 29000), ('val', 1014), ('test_2016_flickr', 1000)):
     corpus = sources.multi30k(split, 'en', 'de', root=root)
     assert len(corpus) + corpus.dropped_empty == n
@@ -119,7 +111,7 @@ def test_multi30k_without_network_fails_fast_with_urls(tmp_path):
 
 
 def test_multi30k_download_verifies_checksums(tmp_path, monkeypatch):
-  real = _data_root() / 'multi30k'
+  real = data_root() / 'multi30k'
   served = []
 
   def urlopen(url, timeout):
@@ -173,7 +165,7 @@ def test_bad_names_are_user_errors():
 
 
 def test_tinyshakespeare_nanogpt_split():
-  root = _data_root()
+  root = data_root()
   if not (root / 'tinyshakespeare' / 'input.txt').exists():
     pytest.skip('tinyshakespeare/input.txt not found')
   train, val = sources.tinyshakespeare('train', root), sources.tinyshakespeare('val', root)

@@ -1,8 +1,6 @@
 """Tests for data/tokenizer.py: determinism, exact round trips, special ids, I/O."""
 
 import gzip
-import os
-import pathlib
 
 import numpy as np
 import pytest
@@ -10,25 +8,17 @@ import pytest
 from data import sources
 from data import tokenizer
 from data.errors import UserError
+from corpora import data_root
 
 # Small enough to train in well under a second; byte fallback needs 260 + alphabet.
 _VOCAB = 600
 _LINES = 2000
 
 
-def _data_root() -> pathlib.Path:
-  """Real corpora: $TRANSFLAX_DATA, else the project's sibling ../shared/data."""
-  for root in (os.environ.get('TRANSFLAX_DATA'),
-               pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'):
-    if root and (pathlib.Path(root) / 'multi30k' / 'train.en.gz').exists():
-      return pathlib.Path(root)
-  pytest.skip('Multi30k not found ($TRANSFLAX_DATA or ../shared/data)')
-
-
 @pytest.fixture(scope='module')
 def multi30k():
   """Train subset (en, de) and test_2016_flickr (en, de, fr) lines."""
-  folder = _data_root() / 'multi30k'
+  folder = data_root() / 'multi30k'
   train = {l: sources.read_lines(folder / f'train.{l}.gz')[:_LINES] for l in ('en', 'de')}
   test = {l: sources.read_lines(folder / f'test_2016_flickr.{l}.gz') for l in ('en', 'de', 'fr')}
   return train, test
@@ -115,7 +105,7 @@ def test_too_small_vocab_is_a_user_error():
 
 
 def test_char_tokenizer_on_tiny_shakespeare(tmp_path):
-  path = _data_root() / 'tinyshakespeare' / 'input.txt'
+  path = data_root() / 'tinyshakespeare' / 'input.txt'
   if not path.exists():
     pytest.skip(f'{path} not found')
   text = sources.read_text(path)

@@ -33,6 +33,7 @@ from data import tokenizer as tokenizers
 from data.errors import UserError
 from model import EncoderDecoder, generate, get_preset, init_cache
 from train import evaluate
+from corpora import data_root
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EOS = tokenizers.EOS_ID
@@ -188,13 +189,6 @@ def test_pad_and_ids_past_the_tokenizer_are_never_chosen(tiny):
 # -- 2. a trained smoke workdir: CLI and translation ----------------------------
 
 
-def _data_root():
-  for root in (os.environ.get('TRANSFLAX_DATA'), REPO.parent / 'shared' / 'data'):
-    if root and (pathlib.Path(root) / 'multi30k' / 'train.en.gz').exists():
-      return str(root)
-  pytest.skip('Multi30k not found ($TRANSFLAX_DATA or ../shared/data)')
-
-
 def _cli(*args, stdin=None, check=True):
   """Runs `python -m train ARGS` from outside the repo, as a user would.
 
@@ -203,7 +197,7 @@ def _cli(*args, stdin=None, check=True):
   slower.
   """
   flags = os.environ.get('XLA_FLAGS', '').split()
-  env = {**os.environ, 'TRANSFLAX_DATA': _data_root(), 'XLA_FLAGS': ' '.join(
+  env = {**os.environ, 'TRANSFLAX_DATA': str(data_root()), 'XLA_FLAGS': ' '.join(
       f for f in flags if 'xla_force_host_platform_device_count' not in f)}
   proc = subprocess.run([sys.executable, '-m', 'train', *map(str, args)],
                         input=stdin, capture_output=True, text=True, env=env,
