@@ -23,7 +23,8 @@ from flax import linen as nn
 
 from model.attention import MultiHeadAttention, padding_mask, segment_mask
 from model.config import TransformerConfig
-from model.layers import AddPositions, Embed, MlpBlock, Norm, dense_init
+from model.layers import (AddPositions, Embed, MlpBlock, Norm, dense_dot_general,
+                          dense_init)
 
 Array = jax.Array
 
@@ -185,6 +186,7 @@ class Decoder(nn.Module):
       return self.embed.attend(x)
     logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
                       param_dtype=cfg.params_dtype,
+                      dot_general=dense_dot_general,
                       kernel_init=dense_init(('embed', 'vocab')),
                       name='logits')(x)
     return nn.with_logical_constraint(logits.astype(jnp.float32),
