@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from model.config import TransformerConfig
-from model.layers import apply_rotary, bias_init, matmul
+from model.layers import apply_rotary, bias_init, dropout, matmul
 
 Array = jax.Array
 _NEG = jnp.finfo(jnp.float32).min
@@ -72,8 +72,7 @@ def dot_product_attention(query: Array, key: Array, value: Array,
     logits = jnp.where(mask, logits, _NEG)
   weights = jax.nn.softmax(logits, axis=-1)
   if dropout_rng is not None and dropout_rate > 0.0:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    weights = dropout(weights, dropout_rate, dropout_rng)
   weights = weights.astype(value.dtype)
   return jnp.swapaxes(jnp.einsum('bhqs,bhsk->bhqk', weights, value), 1, 2)
 

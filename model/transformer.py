@@ -23,8 +23,8 @@ from flax import linen as nn
 
 from model.attention import MultiHeadAttention, padding_mask, segment_mask
 from model.config import TransformerConfig
-from model.layers import (AddPositions, Embed, MlpBlock, Norm, dense_dot_general,
-                          dense_init)
+from model.layers import (AddPositions, Dropout, Embed, MlpBlock, Norm,
+                          dense_dot_general, dense_init)
 
 Array = jax.Array
 
@@ -49,7 +49,7 @@ class _Residual(nn.Module):
   @nn.compact
   def __call__(self, x: Array, sublayer) -> Array:
     cfg = self.config
-    drop = nn.Dropout(cfg.dropout_rate)
+    drop = Dropout(cfg.dropout_rate)
     if cfg.norm_position == 'pre':
       y = sublayer(Norm(cfg, name='norm')(x))
       return x + drop(y, deterministic=cfg.deterministic)
@@ -104,7 +104,7 @@ def _embed(config: TransformerConfig, embed: Embed, tokens: Array,
   """Token embedding + positions + dropout (paper 5.4) -> [b, l, d]."""
   x = embed(tokens)
   x = AddPositions(config, name=f'{name}_positions')(x, positions)
-  return nn.Dropout(config.dropout_rate)(x, deterministic=config.deterministic)
+  return Dropout(config.dropout_rate)(x, deterministic=config.deterministic)
 
 
 class Encoder(nn.Module):

@@ -267,7 +267,7 @@ def test_bench_runs_on_the_smoke_config(monkeypatch):
   from train import bench, metrics
   monkeypatch.setenv('TRANSFLAX_DATA', DATA)
   # The real 2048^3 matmul costs seconds; any positive peak checks the path.
-  monkeypatch.setattr(metrics, 'measure_cpu_peak_flops', lambda: 1e12)
+  monkeypatch.setattr(metrics, 'measure_cpu_peak_flops', lambda **_: 1e12)
   result = bench.benchmark(shakespeare_char.get_config('smoke'), steps=1,
                            warmup=0, decode_batches=(2,), decode_tokens=8)
   assert result['params'] > 0 and result['batch'] == [8, 32]

@@ -228,3 +228,38 @@ def test_sharded_forward_matches_single_device():
   single = m.apply(jax.device_get(nn.unbox(v)), src, tgt)
   np.testing.assert_allclose(np.asarray(sharded), np.asarray(single),
                              rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('rate', [0.1, 0.2, 0.5])
+def test_dropout_rate_and_expectation(rate):
+  # 16-bit draws: keep iff u16 < t, kept values scaled by 2^16 / t.
+  x = jnp.ones((64, 257))  # odd last axis: one half-word is dropped
+  y = np.asarray(model.layers.dropout(x, rate, jax.random.PRNGKey(0)))
+  t = round((1 - rate) * 65536)
+  kept = y != 0
+  # 16,448 draws: the keep fraction's std is < 0.004.
+  assert abs(kept.mean() - (1 - rate)) < 0.02
+  np.testing.assert_allclose(y[kept], 65536 / t, rtol=1e-6)
+  assert abs(y.mean() - 1.0) < 0.03
+  again = np.asarray(model.layers.dropout(x, rate, jax.random.PRNGKey(0)))
+  other = np.asarray(model.layers.dropout(x, rate, jax.random.PRNGKey(1)))
+  np.testing.assert_array_equal(again, y)
+  assert (other != y).any()
+  # Columns are not correlated by the two halves of a word sharing a draw.
+  assert abs(kept[:, 0::2].mean() - kept[:, 1::2].mean()) < 0.03
+
+
+def test_dropout_zero_rate_and_train_mode():
+  x = jnp.arange(12.0).reshape(3, 4)
+  assert model.layers.dropout(x, 0.0, jax.random.PRNGKey(0)) is x
+  rng = np.random.default_rng(9)
+  cfg = get_preset('tiny_lm', dropout_rate=0.3, attention_dropout_rate=0.3)
+  tokens = _tokens(rng, (2, 8))
+  v = DecoderLM(cfg).init(jax.random.PRNGKey(0), tokens)
+  train = DecoderLM(cfg.replace(deterministic=False))
+  a = train.apply(v, tokens, rngs={'dropout': jax.random.PRNGKey(1)})
+  b = train.apply(v, tokens, rngs={'dropout': jax.random.PRNGKey(1)})
+  c = train.apply(v, tokens, rngs={'dropout': jax.random.PRNGKey(2)})
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert not np.allclose(np.asarray(a), np.asarray(c))
+  assert not np.allclose(np.asarray(a), np.asarray(DecoderLM(cfg).apply(v, tokens)))

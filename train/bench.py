@@ -120,7 +120,8 @@ def benchmark(config, *, steps: int = 20, warmup: int = 3,
   device = jax.devices()[0]
   num_devices = jax.device_count()
   if device.platform == 'cpu':
-    peak = metrics_lib.measure_cpu_peak_flops()
+    peak = metrics_lib.measure_cpu_peak_flops(
+        compiler_options=step_lib.compiler_options())
     peak_note = 'measured f32 matmul (CPU)'
     # The matmul used every core: that is the host's peak, shared by all
     # (possibly simulated) CPU devices, not one device's.
