@@ -246,8 +246,12 @@ def test_translate_file_one_line_per_line(workdir, tmp_path):
   out = dst.read_text(encoding='utf-8').split('\n')
   assert out[-1] == '' and len(out) - 1 == len(lines)
   out = out[:-1]
+  # Blank lines stay blank (a smoke model may also put EOS first on a real
+  # line, so only this direction is a property); the rest is translated as
+  # evaluate.translate does, line by line.
   for line, hyp in zip(lines, out):
-    assert (hyp == '') == (line.strip() == '')
+    if not line.strip():
+      assert hyp == ''
   run, params = _load(workdir, 'latest')
   assert out == evaluate.translate(run, params, lines, beam_size=1)
 
