@@ -56,7 +56,8 @@ def dropout(x: Array, rate: float, rng: Array) -> Array:
   on a CPU is most of dropout's cost (attention dropout masks [b, h, q, s]:
   shakespeare_char:full step 10.8 s -> 9.9 s). An element is kept iff its
   u16 < t = round((1 - rate) * 2^16) and scaled by 2^16 / t, so E[out] = x
-  exactly; the keep probability is off by < 2^-17 (0.8 -> 0.800003).
+  (exactly in float32; bf16 rounds the scale); the keep probability is off
+  by < 2^-17 (0.8 -> 0.800003).
   """
   if rate <= 0.0:
     return x
