@@ -13,6 +13,16 @@ from model import get_preset
 from train import partitioning
 
 
+def choose_arg(experiment: str, arg: str | None, choices) -> str:
+  """The `--config experiments/X.py:ARG` argument: the first choice when
+  absent, else one of `choices` (a ValueError naming the file otherwise)."""
+  arg = arg or choices[0]
+  if arg not in choices:
+    raise ValueError(f'experiments/{experiment}: unknown arg {arg!r}; use one '
+                     f'of {", ".join(choices)}')
+  return arg
+
+
 def get_config(preset: str = 'transformer_base') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = 'translation'            # 'translation' | 'lm'

@@ -67,10 +67,7 @@ ARGS = ('small', 'medium', 'smoke')
 
 
 def get_config(arg: str | None = None):
-  arg = arg or 'small'
-  if arg not in ARGS:
-    raise ValueError(f'experiments/gpt2.py: unknown arg {arg!r}; use one of '
-                     f'{", ".join(ARGS)}')
+  arg = defaults.choose_arg('gpt2.py', arg, ARGS)
   c = defaults.get_config('gpt2_medium' if arg == 'medium' else 'gpt2_small')
   c.task = 'lm'
   c.data.corpus = 'text'

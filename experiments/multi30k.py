@@ -24,11 +24,8 @@ PAIRS = {'en-de': ('en', 'de'), 'de-en': ('de', 'en'), 'en-fr': ('en', 'fr')}
 
 
 def get_config(arg: str | None = None):
-  arg = arg or 'en-de'
+  arg = defaults.choose_arg('multi30k.py', arg, (*PAIRS, 'smoke'))
   smoke = arg == 'smoke'
-  if not smoke and arg not in PAIRS:
-    raise ValueError(f'experiments/multi30k.py: unknown arg {arg!r}; use one '
-                     f'of {", ".join(PAIRS)}, smoke')
   c = defaults.get_config('transformer_base')
   c.data.corpus = 'multi30k'
   c.data.src_lang, c.data.tgt_lang = PAIRS.get(arg, PAIRS['en-de'])

@@ -54,10 +54,7 @@ ARGS = ('cpu', 'full', 'smoke')
 
 
 def get_config(arg: str | None = None):
-  arg = arg or 'cpu'
-  if arg not in ARGS:
-    raise ValueError(f'experiments/shakespeare_char.py: unknown arg {arg!r}; '
-                     f'use one of {", ".join(ARGS)}')
+  arg = defaults.choose_arg('shakespeare_char.py', arg, ARGS)
   c = defaults.get_config('gpt2_small')  # GPT architecture; sizes set below
   c.task = 'lm'
   c.data.corpus = 'tinyshakespeare'

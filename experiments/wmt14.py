@@ -56,10 +56,7 @@ VARIANTS = ('base', 'big', 'smoke')
 
 
 def get_config(arg: str | None = None):
-  arg = arg or 'base'
-  if arg not in VARIANTS:
-    raise ValueError(f'experiments/wmt14.py: unknown arg {arg!r}; use one of '
-                     f'{", ".join(VARIANTS)}')
+  arg = defaults.choose_arg('wmt14.py', arg, VARIANTS)
   big = arg == 'big'
   # Table 3 sizes; the big preset carries dropout 0.3 (the EN-DE big model).
   c = defaults.get_config('transformer_big' if big else 'transformer_base')
