@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from model.config import TransformerConfig
-from model.layers import apply_rotary, bias_init, dropout, matmul
+from model.layers import apply_rotary, bias_init, dropout, kernel_init, matmul
 
 Array = jax.Array
 _NEG = jnp.finfo(jnp.float32).min
@@ -92,10 +92,8 @@ class MultiHeadAttention(nn.Module):
 
   def _proj_params(self, name, shape, axes, in_axis, out_axis):
     cfg = self.config
-    init = nn.with_logical_partitioning(
-        nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform',
-                                         in_axis=in_axis, out_axis=out_axis),
-        axes)
+    init = kernel_init(cfg, axes, residual=name == 'out', in_axis=in_axis,
+                       out_axis=out_axis)
     kernel = self.param(f'{name}_kernel', init, shape, cfg.params_dtype)
     bias = None
     if cfg.use_bias:

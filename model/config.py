@@ -25,6 +25,7 @@ NORM_TYPES = ('layernorm', 'rmsnorm')
 ACTIVATIONS = ('relu', 'gelu', 'swiglu')
 DTYPES = ('float32', 'bfloat16', 'float16')
 ATTENTION_IMPLS = ('xla', 'cudnn')
+INITS = ('xavier', 'gpt2')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,11 @@ class TransformerConfig:
   # d_model^-0.5 so the scaled inputs have unit variance. GPT-2: no scaling,
   # init std 0.02.
   scale_embeddings: bool = True
+  # Kernel init. 'xavier': Xavier-uniform (the paper's T2T/flax default).
+  # 'gpt2': GPT-2's N(0, 0.02) (as nanoGPT and HF GPT2Model), with the
+  # projections that write into the residual stream (attention out, MLP wo)
+  # at 0.02 / sqrt(2 * layers) and learned positions at 0.02.
+  init: str = 'xavier'
   max_len: int = 256            # longest sequence (learned positions, KV cache)
   dtype: str = 'float32'        # compute dtype
   param_dtype: str = 'float32'  # parameters stay f32 for mixed precision
@@ -69,6 +75,7 @@ class TransformerConfig:
     _check_choice('dtype', self.dtype, DTYPES)
     _check_choice('param_dtype', self.param_dtype, DTYPES)
     _check_choice('attention_impl', self.attention_impl, ATTENTION_IMPLS)
+    _check_choice('init', self.init, INITS)
     for name in ('vocab_size', 'd_model', 'num_heads', 'mlp_dim', 'max_len'):
       if getattr(self, name) <= 0:
         raise ValueError(f'TransformerConfig.{name} must be positive, got '

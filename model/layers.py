@@ -84,9 +84,24 @@ class Dropout(nn.Module):
     return dropout(x, self.rate, self.make_rng('dropout'))
 
 
-def dense_init(axes):
-  """Xavier-uniform kernels (the paper's T2T/flax default) with logical axes."""
-  return nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes)
+def kernel_init(cfg: TransformerConfig, axes, *, residual: bool = False,
+                in_axis=-2, out_axis=-1):
+  """A kernel initializer with logical axes, per `cfg.init`.
+
+  'xavier': Xavier-uniform over (in_axis, out_axis) (the paper's T2T/flax
+  default). 'gpt2': N(0, 0.02); a `residual` kernel (one whose output is
+  added to the residual stream) gets std 0.02 / sqrt(2 * layers), GPT-2's
+  scaling for the accumulation of 2 residual branches per layer (Radford et
+  al. 2019, section 2.3; nanoGPT and HF GPT2Model's _init_weights).
+  """
+  if cfg.init == 'gpt2':
+    layers = cfg.num_encoder_layers + cfg.num_decoder_layers
+    std = 0.02 / math.sqrt(2 * layers) if residual else 0.02
+    init = nn.initializers.normal(stddev=std)
+  else:
+    init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform',
+                                            in_axis=in_axis, out_axis=out_axis)
+  return nn.with_logical_partitioning(init, axes)
 
 
 def bias_init(axes):
@@ -153,8 +168,9 @@ class AddPositions(nn.Module):
     elif cfg.positions == 'learned':
       table = self.param(
           'pos_embedding',
-          nn.with_logical_partitioning(nn.initializers.normal(stddev=0.01),
-                                       ('length', 'embed')),
+          nn.with_logical_partitioning(
+              nn.initializers.normal(stddev=0.02 if cfg.init == 'gpt2' else 0.01),
+              ('length', 'embed')),
           (cfg.max_len, cfg.d_model), cfg.params_dtype)
       pe = jnp.take(table, positions, axis=0)
     else:
@@ -208,8 +224,8 @@ class MlpBlock(nn.Module):
       return nn.Dense(features, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
                       param_dtype=cfg.params_dtype,
                       dot_general=dense_dot_general,
-                      kernel_init=dense_init(axes), bias_init=bias_init(axes[1:]),
-                      name=name)
+                      kernel_init=kernel_init(cfg, axes, residual=name == 'wo'),
+                      bias_init=bias_init(axes[1:]), name=name)
 
     if cfg.activation == 'swiglu':
       h = (nn.silu(dense(cfg.mlp_dim, ('embed', 'mlp'), 'wi_0')(x))

@@ -24,7 +24,7 @@ from flax import linen as nn
 from model.attention import MultiHeadAttention, padding_mask, segment_mask
 from model.config import TransformerConfig
 from model.layers import (AddPositions, Dropout, Embed, MlpBlock, Norm,
-                          dense_dot_general, dense_init)
+                          dense_dot_general, kernel_init)
 
 Array = jax.Array
 
@@ -187,7 +187,7 @@ class Decoder(nn.Module):
     logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
                       param_dtype=cfg.params_dtype,
                       dot_general=dense_dot_general,
-                      kernel_init=dense_init(('embed', 'vocab')),
+                      kernel_init=kernel_init(cfg, ('embed', 'vocab')),
                       name='logits')(x)
     return nn.with_logical_constraint(logits.astype(jnp.float32),
                                       ('batch', 'length', 'vocab'))

@@ -185,6 +185,29 @@ def test_gpt2_small_size():
   assert abs(n - 124e6) / 124e6 < 0.01, n
 
 
+@pytest.mark.parametrize('init', ['xavier', 'gpt2'])
+def test_kernel_init_std(init):
+  """Each kernel's std is its init's: Xavier sqrt(2 / (fan_in + fan_out)), or
+  GPT-2's 0.02 with residual-branch outputs at 0.02 / sqrt(2 * layers)."""
+  cfg = get_preset('tiny_lm', d_model=128, num_heads=4, mlp_dim=512,
+                   num_decoder_layers=8, init=init)
+  params = nn.unbox(_init(DecoderLM(cfg), jnp.zeros((1, 8), jnp.int32)))
+  layer = params['params']['decoder']['layer_3']
+  attn, mlp = layer['self_attention'], layer['mlp']
+  kernels = {'query': (attn['query_kernel'], 128, 128),
+             'out': (attn['out_kernel'], 128, 128),
+             'wi': (mlp['wi']['kernel'], 128, 512),
+             'wo': (mlp['wo']['kernel'], 512, 128)}
+  for name, (k, fan_in, fan_out) in kernels.items():
+    if init == 'xavier':
+      want = (2 / (fan_in + fan_out)) ** 0.5
+    else:
+      want = 0.02 / 4.0 if name in ('out', 'wo') else 0.02  # sqrt(2 * 8) = 4
+    assert abs(float(jnp.std(k)) / want - 1) < 0.05, (name, float(jnp.std(k)), want)
+  pos = params['params']['decoder']['decoder_positions']['pos_embedding']
+  assert abs(float(jnp.std(pos)) / (0.02 if init == 'gpt2' else 0.01) - 1) < 0.05
+
+
 def test_invalid_config_names_field():
   with pytest.raises(ValueError, match='num_heads'):
     get_preset('tiny_lm', d_model=30, num_heads=4)
