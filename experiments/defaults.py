@@ -88,6 +88,7 @@ def get_config(preset: str = 'transformer_base') -> ml_collections.ConfigDict:
   c.mesh.data = -1                  # -1: the devices the other axes leave
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
+  c.mesh.cpu_devices = 0            # CPU-only hosts: JAX devices (0: one)
   c.mesh.rules = [list(r) for r in partitioning.DEFAULT_RULES]
   c.mesh.coordinator_address = ''   # multi-host: host:port of process 0
   c.mesh.num_processes = 0          # 0: from the environment

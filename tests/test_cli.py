@@ -6,9 +6,11 @@ import json
 import re
 import shutil
 
+import jax
 import pytest
 
 import tiny_run
+from train import partitioning
 
 REPO = tiny_run.REPO
 
@@ -86,6 +88,19 @@ def test_dry_run_prints_params_mesh_and_shardings(experiment):
   assert "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8" in result.stdout
   assert re.search(r"mlp/wi/kernel\s+\(32, 64\)\s+P\('fsdp', 'tensor'\)",
                    result.stdout), result.stdout
+
+
+def test_cpu_devices_splits_the_host_cpu(experiment):
+  """mesh.cpu_devices sets the CPU device count before JAX starts (it wins
+  over the 8 the test environment asks XLA for); after JAX has started it
+  only warns."""
+  result = tiny_run.cli('train', '--config', experiment, '--dry_run',
+                        '--config.mesh.cpu_devices=3')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "mesh {'data': 3, 'fsdp': 1, 'tensor': 1} over 3" in result.stdout
+  assert jax.device_count() == 8   # JAX has started in this process,
+  partitioning.use_cpu_devices(3)  # so this only warns
+  assert jax.device_count() == 8
 
 
 def test_dry_run_of_a_full_size_config_needs_no_data(tmp_path):

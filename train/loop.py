@@ -56,6 +56,7 @@ class Run:
     # pinned here since exact resume and mesh invariance rely on it).
     jax.config.update('jax_threefry_partitionable', True)
     m = config.mesh
+    partitioning.use_cpu_devices(m.get('cpu_devices', 0))
     partitioning.maybe_initialize_distributed(
         m.coordinator_address or None, m.num_processes or None,
         None if m.process_id < 0 else m.process_id)
@@ -77,6 +78,7 @@ class Run:
                           config.train.average_last or 0),
         best_metric=config.train.best_metric or None,
         best_mode=config.train.best_mode, read_only=not for_training)
+    self.last_sample: tuple[int, str] | None = None  # (step, text), LM evals
 
   @property
   def meta(self) -> dict[str, Any]:

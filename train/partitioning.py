@@ -82,6 +82,29 @@ def maybe_initialize_distributed(coordinator: str | None = None,
                jax.process_count())
 
 
+def use_cpu_devices(n: int) -> None:
+  """Config `mesh.cpu_devices`: split the host CPU into n JAX devices (0: one).
+
+  On a host without accelerators the mesh's data axis then runs n batch
+  shards side by side. A small model's step is hundreds of small ops that
+  XLA:CPU mostly runs one at a time on one core, so one device per core is
+  faster (shakespeare_char:cpu on 2 cores: 48 -> 39 ms per step; a large
+  model's big matmuls already use every core and gain nothing). Accelerator
+  hosts are unaffected: their meshes hold no CPU devices. Must run before
+  the first JAX computation; after it (a notebook or test that already ran
+  JAX) the devices stay as they are, with a warning if they differ.
+  """
+  if n <= 0:
+    return
+  try:
+    jax.config.update('jax_num_cpu_devices', n)
+  except RuntimeError:  # backends already initialised
+    if jax.default_backend() == 'cpu' and jax.local_device_count() != n:
+      logging.warning('mesh.cpu_devices=%d ignored: JAX already runs with %d '
+                      'CPU devices (set it before the first JAX computation)',
+                      n, jax.local_device_count())
+
+
 def mesh_shape(data: int, fsdp: int, tensor: int,
                num_devices: int) -> tuple[int, int, int]:
   """Resolves one -1 entry so the product equals the device count."""
