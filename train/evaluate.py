@@ -279,6 +279,7 @@ def periodic(run, params, step: int) -> dict[str, float]:
     if jax.process_index() == 0:
       with open(os.path.join(run.workdir, 'samples.txt'), 'a') as f:
         f.write(f'--- step {step}\n{text}\n')
+    run.last_sample = (step, text)
     return {}
   d = config.decode
   if not d.bleu_every or step % d.bleu_every:
@@ -295,11 +296,16 @@ def at_end(run, state, step: int) -> dict[str, Any]:
   out: dict[str, Any] = {}
   if run.task.kind == 'lm':
     s = config.sample
-    if jax.process_index() == 0:
+    chief = jax.process_index() == 0
+    if chief:
       print(f'--- sample after {step} steps:', flush=True)
+    if run.last_sample and run.last_sample[0] == step:
+      if chief:  # the evaluation at this step has just sampled: show that
+        print(run.last_sample[1], flush=True)
+      return out
     sampling.generate_samples(run, state.params, s.prompt, max_new_tokens=s.max_new_tokens,
              temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=0,
-             stream=sys.stdout if jax.process_index() == 0 else None)
+             stream=sys.stdout if chief else None)
     return out
   params = state.params
   if config.train.average_last:
