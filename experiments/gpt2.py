@@ -16,10 +16,12 @@ Model: GPT-2 (Radford et al. 2019) as nanoGPT trains it: pre-LayerNorm (eps
 1e-5), GELU, learned positions over 1024 tokens, tied input/output embedding
 without sqrt(d) scaling (init std 0.02), no biases in the projections
 (nanoGPT's train.py bias=False; LayerNorms keep theirs), no dropout. Small:
-12 layers, d_model 768, 12 heads = 124M parameters with the 50,257-token
-vocabulary (`--dry_run` prints 124.4M). Medium: 24 layers, d_model 1024, 16
-heads = 355M. Dense kernels are Xavier-uniform, not nanoGPT's N(0, 0.02) with
-the 1/sqrt(2 * layers) residual scaling.
+12 layers, d_model 768, 12 heads = 124M parameters (`--dry_run` prints
+124.5M). Medium: 24 layers, d_model 1024, 16 heads = 355M. As in nanoGPT,
+the embedding and logits cover 50,304 ids, GPT-2's 50,257 padded to a
+multiple of 64 for the matmul; the 47 ids past the tokenizer are never
+targets and never sampled. Init is GPT-2's (model.init='gpt2'): N(0, 0.02),
+the residual-branch output projections at 0.02 / sqrt(2 * layers).
 
 Optimizer (nanoGPT config/train_gpt2.py + train.py): AdamW (0.9, 0.95), eps
 1e-8, weight decay 0.1 on matrices only, clipping 1.0, 2000 warmup steps,
@@ -80,7 +82,8 @@ def get_config(arg: str | None = None):
   c.data.tokenizer.character_coverage = 0.9995
 
   # Fixed rather than "the tokenizer's" so --dry_run and bench need no data.
-  c.model.vocab_size = 50257
+  c.model.vocab_size = 50304        # 50,257 padded to a multiple of 64
+  c.model.init = 'gpt2'
   c.model.use_bias = False
   c.model.dropout_rate = 0.0
   c.model.dtype = 'bfloat16'
