@@ -275,3 +275,18 @@ def test_bench_runs_on_the_smoke_config(monkeypatch):
               'decode_tokens_per_sec_batch2'):
     assert np.isfinite(result[key]) and result[key] > 0, key
   assert np.isfinite(result['mfu']) and result['mfu'] > 0
+
+
+def test_streamed_text_is_the_returned_text(tiny):
+  """Streaming reads tokens back every few steps, across the switch to the
+  sliding window too; what it writes is exactly the unstreamed sample."""
+  import io
+  from train import sampling
+  run, params, _ = tiny
+  prompt, new = 'to be', 45  # 5 prompt + 45 > max_len 32, not a multiple of 8
+  kw = dict(max_new_tokens=new, temperature=1.0, top_k=0, top_p=1.0, seed=2)
+  plain = sampling.generate_text(run, params, prompt, **kw)
+  out = io.StringIO()
+  streamed = sampling.generate_text(run, params, prompt, stream=out, **kw)
+  assert streamed == plain and len(plain) == len(prompt) + new
+  assert out.getvalue() == plain + '\n'
