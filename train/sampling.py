@@ -2,9 +2,8 @@
 
 `generate_text` streams text as tokens arrive (the `transflax generate`
 command), a few tokens per host round trip; the same seed gives the same text
-and temperature 0 is greedy. The
-sampling algorithms themselves (temperature, top-k, top-p) are in
-model/generate.py and shared with any other decoder.
+and temperature 0 is greedy. The sampling algorithms themselves (temperature,
+top-k, top-p) are in model/generate.py and shared with any other decoder.
 
 Where the first token comes from depends on how the LM was trained:
 character models (nanoGPT) saw one unbroken stream, so the prompt's first
