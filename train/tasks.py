@@ -39,6 +39,17 @@ def model_config(config, vocab_size: int) -> TransformerConfig:
     raise UserError(f'model: {e}') from None
 
 
+def split_files(data_config, split: str, form: str) -> list[str]:
+  """The comma-separated paths of `data.files.<split>` (corpus parallel/text);
+  a UserError naming the override to give when there are none."""
+  paths = [p for p in str(data_config.files.to_dict().get(split) or '').split(',')
+           if p]
+  if not paths:
+    raise UserError(f'data.files has no entry for split {split!r}; give '
+                    f'--config.data.files.{split}={form}')
+  return paths
+
+
 class Task:
   """Shared parts: tokenizer, model configs, parameter init."""
   kind = ''
@@ -112,11 +123,7 @@ class Translation(Task):
       return sources.wmt(d.wmt_pair, split, d.src_lang, d.tgt_lang,
                          dataset=d.wmt_dataset)
     if d.corpus == 'parallel':
-      files = d.files.to_dict()
-      if not files.get(split):
-        raise UserError(f'data.files has no entry for split {split!r}; give '
-                        f'--config.data.files.{split}=SRC_FILE,TGT_FILE or a .tsv')
-      paths = [p for p in str(files[split]).split(',') if p]
+      paths = split_files(d, split, 'SRC_FILE,TGT_FILE or a .tsv')
       return (sources.read_tsv(paths[0]) if len(paths) == 1
               else sources.read_parallel(*paths))
     raise UserError(f'data.corpus={d.corpus!r} is not one of multi30k, wmt, '
@@ -172,11 +179,7 @@ class LanguageModel(Task):
     if d.corpus == 'tinyshakespeare':
       return sources.tinyshakespeare(split, root=self.root)
     if d.corpus == 'text':
-      files = d.files.to_dict()
-      if not files.get(split):
-        raise UserError(f'data.files has no entry for split {split!r}; give '
-                        f'--config.data.files.{split}=FILE[,FILE...]')
-      return sources.read_text([p for p in str(files[split]).split(',') if p])
+      return sources.read_text(split_files(d, split, 'FILE[,FILE...]'))
     raise UserError(f'data.corpus={d.corpus!r} is not one of tinyshakespeare, '
                     f'text for task lm')
 
