@@ -23,7 +23,7 @@ from train import partitioning, state as state_lib, step as step_lib, tasks
 
 def _setup(config, with_tokenizer: bool | None = None):
   m = config.mesh
-  partitioning.use_cpu_devices(m.get('cpu_devices', 0))
+  partitioning.initialize(m)
   mesh = partitioning.make_mesh(m.data, m.fsdp, m.tensor)
   rules = partitioning.rules_from_config(m.rules)
   if with_tokenizer is None:

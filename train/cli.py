@@ -229,8 +229,6 @@ def main(argv: list[str] | None = None) -> int:
           f'module docstring of train/cli.py', file=sys.stderr)
     return 2
   command = argv[1]
-  # Before any JAX computation: random bits that do not depend on the mesh.
-  jax.config.update('jax_threefry_partitionable', True)
   # Our warnings stay visible; Orbax's routine INFO chatter does not.
   logging.set_verbosity(logging.WARNING)
   try:

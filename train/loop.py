@@ -51,15 +51,8 @@ class Run:
     to continue an 8-device run on one device."""
     self.config = config
     self.workdir = workdir
-    # Random bits must not depend on the mesh, so DP, FSDP, TP and resharded
-    # restores draw the same dropout masks (the default in recent JAX, but
-    # pinned here since exact resume and mesh invariance rely on it).
-    jax.config.update('jax_threefry_partitionable', True)
     m = config.mesh
-    partitioning.use_cpu_devices(m.get('cpu_devices', 0))
-    partitioning.maybe_initialize_distributed(
-        m.coordinator_address or None, m.num_processes or None,
-        None if m.process_id < 0 else m.process_id)
+    partitioning.initialize(m)
     self.mesh = partitioning.make_mesh(m.data, m.fsdp, m.tensor, devices)
     self.rules = partitioning.rules_from_config(m.rules)
     self.task = tasks.make_task(config, workdir)

@@ -82,6 +82,23 @@ def maybe_initialize_distributed(coordinator: str | None = None,
                jax.process_count())
 
 
+def initialize(mesh_config) -> None:
+  """What a run (train, eval, generate, bench) sets before its first JAX
+  computation, from the config's `mesh` group.
+
+  Random bits must not depend on the mesh, so DP, FSDP, TP and resharded
+  restores draw the same dropout masks (the default in recent JAX, but pinned
+  since exact resume and mesh invariance rely on it); then the CPU device
+  count and multi-host JAX.
+  """
+  m = mesh_config
+  jax.config.update('jax_threefry_partitionable', True)
+  use_cpu_devices(m.get('cpu_devices', 0))
+  maybe_initialize_distributed(
+      m.coordinator_address or None, m.num_processes or None,
+      None if m.process_id < 0 else m.process_id)
+
+
 def use_cpu_devices(n: int) -> None:
   """Config `mesh.cpu_devices`: split the host CPU into n JAX devices (0: one).
 
