@@ -63,6 +63,10 @@ class TransformerConfig:
   dtype: str = 'float32'        # compute dtype
   param_dtype: str = 'float32'  # parameters stay f32 for mixed precision
   attention_impl: str = 'xla'   # 'xla' einsum, or 'cudnn' fused kernel on GPUs
+  # 'xla' causal self-attention in query blocks of this many rows, each
+  # against the keys up to its own end: the masked upper triangle is skipped.
+  # 0: one block (the full [q, s] matrix).
+  attention_block: int = 0
   remat: bool = False           # rematerialise each layer in the backward pass
   deterministic: bool = True    # False in training: dropout on
   decode: bool = False          # True: one token per call with a KV cache
@@ -76,6 +80,9 @@ class TransformerConfig:
     _check_choice('param_dtype', self.param_dtype, DTYPES)
     _check_choice('attention_impl', self.attention_impl, ATTENTION_IMPLS)
     _check_choice('init', self.init, INITS)
+    if self.attention_block < 0:
+      raise ValueError(f'TransformerConfig.attention_block must be >= 0 (0: '
+                       f'no blocks), got {self.attention_block}')
     for name in ('vocab_size', 'd_model', 'num_heads', 'mlp_dim', 'max_len'):
       if getattr(self, name) <= 0:
         raise ValueError(f'TransformerConfig.{name} must be positive, got '
