@@ -15,6 +15,8 @@ output once, at index 0, and reuses it for every later step.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -68,27 +70,27 @@ def dot_product_attention(query: Array, key: Array, value: Array,
   query = query / jnp.sqrt(jnp.asarray(depth, query.dtype))
   # Heads-major [b, h, l, k] operands make both products plain batched
   # matmuls; XLA:CPU runs them ~20% faster than the [b, l, h, k] einsums.
-  query, key, value = (jnp.swapaxes(x, 1, 2) for x in (query, key, value))
-  length = query.shape[2]
-  if not is_causal:
-    out = _attend(query, key, value, mask, dropout_rate, dropout_rng)
-  elif not 0 < block < length:
-    causal = causal_mask(length)
-    out = _attend(query, key, value,
-                  causal if mask is None else mask & causal,
-                  dropout_rate, dropout_rng)
-  else:
-    outs = []
-    for i, lo in enumerate(range(0, length, block)):
-      hi = min(lo + block, length)
-      rows = _causal_rows(lo, hi)
-      if mask is not None:
-        rows = rows & _mask_rows(mask, lo, hi)
-      rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
-      outs.append(_attend(query[:, :, lo:hi], key[:, :, :hi],
-                          value[:, :, :hi], rows, dropout_rate, rng))
-    out = jnp.concatenate(outs, axis=2)
-  return jnp.swapaxes(out, 1, 2)
+  heads_major = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
+  length = query.shape[1]
+  if not is_causal or not 0 < block < length:
+    if is_causal:
+      causal = causal_mask(length)
+      mask = causal if mask is None else mask & causal
+    out = _attend(heads_major(query), heads_major(key), heads_major(value),
+                  mask, dropout_rate, dropout_rng)
+    return heads_major(out)
+  query = heads_major(query)
+  outs = []
+  for i, lo in enumerate(range(0, length, block)):
+    hi = min(lo + block, length)
+    rows = _causal_rows(lo, hi)
+    if mask is not None:
+      rows = rows & _mask_rows(mask, lo, hi)
+    rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+    # Keys and values are cut before the transpose, which copies them anyway.
+    outs.append(_attend(query[:, :, lo:hi], heads_major(key[:, :hi]),
+                        heads_major(value[:, :hi]), rows, dropout_rate, rng))
+  return heads_major(jnp.concatenate(outs, axis=2))
 
 
 def _causal_rows(lo: int, hi: int) -> Array:
