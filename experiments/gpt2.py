@@ -14,10 +14,10 @@ Args after the colon: small (default), medium, smoke.
 
 Model: GPT-2 (Radford et al. 2019) as nanoGPT trains it: pre-LayerNorm (eps
 1e-5), GELU, learned positions over 1024 tokens, tied input/output embedding
-without sqrt(d) scaling (init std 0.02), no biases in the projections
-(nanoGPT's train.py bias=False; LayerNorms keep theirs), no dropout. Small:
+without sqrt(d) scaling (init std 0.02), no biases in the projections or
+LayerNorms (nanoGPT's train.py bias=False), no dropout. Small:
 12 layers, d_model 768, 12 heads = 124M parameters (`--dry_run` prints
-124.5M). Medium: 24 layers, d_model 1024, 16 heads = 355M. As in nanoGPT,
+124.4M). Medium: 24 layers, d_model 1024, 16 heads = 355M. As in nanoGPT,
 the embedding and logits cover 50,304 ids, GPT-2's 50,257 padded to a
 multiple of 64 for the matmul; the 47 ids past the tokenizer are never
 targets and never sampled. Init is GPT-2's (model.init='gpt2'): N(0, 0.02),

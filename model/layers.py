@@ -206,7 +206,8 @@ class Norm(nn.Module):
                       nn.initializers.ones_init(), ('embed',)))
     if cfg.norm_type == 'rmsnorm':
       return nn.RMSNorm(**common)(x)
-    return nn.LayerNorm(bias_init=bias_init(('embed',)), **common)(x)
+    return nn.LayerNorm(use_bias=cfg.use_bias, bias_init=bias_init(('embed',)),
+                        **common)(x)
 
 
 class MlpBlock(nn.Module):

@@ -211,6 +211,20 @@ def test_gpt2_small_size():
   assert abs(n - 124e6) / 124e6 < 0.01, n
 
 
+@pytest.mark.parametrize('use_bias', [True, False])
+def test_use_bias_covers_layernorms(use_bias):
+  # nanoGPT's bias=False leaves no bias anywhere, LayerNorms included.
+  m = DecoderLM(get_preset('tiny_lm', use_bias=use_bias))
+  v = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0),
+                                    jnp.zeros((1, 8), jnp.int32)))
+  paths = [jax.tree_util.keystr(p) for p, _ in
+           jax.tree_util.tree_leaves_with_path(nn.unbox(v['params']))]
+  norms = [p for p in paths if 'norm' in p]
+  assert norms and any('scale' in p for p in norms)
+  assert any('bias' in p for p in norms) == use_bias
+  assert any('bias' in p for p in paths) == use_bias
+
+
 @pytest.mark.parametrize('init', ['xavier', 'gpt2'])
 def test_kernel_init_std(init):
   """Each kernel's std is its init's: Xavier sqrt(2 / (fan_in + fan_out)), or
