@@ -13,9 +13,9 @@ pre-LayerNorm (eps 1e-5), GELU, learned positions, tied input/output
 embeddings without sqrt(d) scaling (init std 0.02), no biases in the
 projections or LayerNorms (nanoGPT's train.py sets bias=False, which its
 LayerNorm class honours), dropout on residuals and attention weights
-alike. Dense kernels are Xavier-uniform rather than nanoGPT's N(0, 0.02) with the
-1/sqrt(2 * layers) residual scaling: `--config.model.init=gpt2` gives
-nanoGPT's, which on `cpu` ends at val loss 1.910 against Xavier's 1.825.
+alike. Dense kernels are Xavier-uniform rather than nanoGPT's N(0, 0.02)
+with the 1/sqrt(2 * layers) residual scaling: `--config.model.init=gpt2`
+gives nanoGPT's, which on `cpu` ends at val loss 1.910 against Xavier's 1.825.
 
 Optimizer, as nanoGPT's config/train_shakespeare_char.py on top of train.py:
 AdamW (0.9, 0.99), eps 1e-8, weight decay 0.1 on matrices only, global-norm

@@ -99,7 +99,10 @@ def _causal_rows(lo: int, hi: int) -> Array:
 
 
 def _mask_rows(mask: Array, lo: int, hi: int) -> Array:
-  """mask [b, 1, q, s] at query rows lo..hi-1 and keys < hi (size-1 axes broadcast)."""
+  """mask [b, 1, q, s] at query rows lo..hi-1 and keys < hi.
+
+  Its q and s axes may have size 1 (broadcast); those stay whole.
+  """
   rows = slice(lo, hi) if mask.shape[2] > 1 else slice(None)
   keys = slice(0, hi) if mask.shape[3] > 1 else slice(None)
   return mask[:, :, rows, keys]
@@ -107,7 +110,7 @@ def _mask_rows(mask: Array, lo: int, hi: int) -> Array:
 
 def _attend(query: Array, key: Array, value: Array, mask: Array | None,
             dropout_rate: float, dropout_rng: Array | None) -> Array:
-  """Heads-major attention of scaled queries: [b,h,q,k], [b,h,s,k] -> [b,h,q,k]."""
+  """Heads-major, queries already scaled: [b,h,q,k], [b,h,s,k] -> [b,h,q,k]."""
   logits = jnp.einsum('bhqk,bhsk->bhqs', query, key,
                       preferred_element_type=jnp.float32)
   if mask is not None:

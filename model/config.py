@@ -47,7 +47,7 @@ class TransformerConfig:
   norm_type: str = 'layernorm'  # 'layernorm' | 'rmsnorm'
   norm_epsilon: float = 1e-6
   activation: str = 'relu'      # 'relu' (paper) | 'gelu' | 'swiglu'
-  use_bias: bool = True         # biases in the projections and LayerNorms (nanoGPT's `bias`)
+  use_bias: bool = True         # biases in projections and LayerNorms (nanoGPT's bias)
   share_embeddings: bool = True  # one embedding for source and target tokens
   tie_output: bool = True       # logits = decoder output @ embedding^T
   # Paper 3.4: embeddings multiplied by sqrt(d_model); initialised with std
