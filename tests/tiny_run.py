@@ -44,6 +44,10 @@ def get_config(arg=None):
                  num_encoder_layers=0, num_decoder_layers=2, max_len=32,
                  norm_position='pre', dropout_rate=0.1,
                  attention_dropout_rate=0.0,
+                 # Block-causal attention (2 blocks of 8): the mesh-invariance,
+                 # resume and multi-host tests run it with heads and batch
+                 # sharded.
+                 attention_block=8,
                  # A key bias gets an exactly-zero gradient (softmax ignores a
                  # shift shared by all keys), so Adam would turn float noise
                  # into its updates and equal-math runs could not be compared.
