@@ -28,10 +28,10 @@ Array = jax.Array
 _NEG = jnp.finfo(jnp.float32).min
 
 
-def causal_mask(length: int) -> Array:
-  """[1, 1, l, l]: query i may attend to keys j <= i."""
-  idx = jnp.arange(length)
-  return (idx[:, None] >= idx[None, :])[None, None]
+def causal_mask(length: int, start: int = 0) -> Array:
+  """[1, 1, l - start, l]: query i (rows start..l-1) may attend to keys j <= i."""
+  return (jnp.arange(start, length)[:, None]
+          >= jnp.arange(length)[None, :])[None, None]
 
 
 def padding_mask(query_valid: Array, key_valid: Array) -> Array:
@@ -71,31 +71,26 @@ def dot_product_attention(query: Array, key: Array, value: Array,
   # Heads-major [b, h, l, k] operands make both products plain batched
   # matmuls; XLA:CPU runs them ~20% faster than the [b, l, h, k] einsums.
   heads_major = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
+  if not is_causal:
+    return heads_major(_attend(heads_major(query), heads_major(key),
+                               heads_major(value), mask, dropout_rate,
+                               dropout_rng))
   length = query.shape[1]
-  if not is_causal or not 0 < block < length:
-    if is_causal:
-      causal = causal_mask(length)
-      mask = causal if mask is None else mask & causal
-    out = _attend(heads_major(query), heads_major(key), heads_major(value),
-                  mask, dropout_rate, dropout_rng)
-    return heads_major(out)
+  size = block if 0 < block < length else length
   query = heads_major(query)
   outs = []
-  for i, lo in enumerate(range(0, length, block)):
-    hi = min(lo + block, length)
-    rows = _causal_rows(lo, hi)
+  for i, lo in enumerate(range(0, length, size)):
+    hi = min(lo + size, length)
+    rows = causal_mask(hi, lo)
     if mask is not None:
       rows = rows & _mask_rows(mask, lo, hi)
-    rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, i)
+    rng = dropout_rng
+    if rng is not None and size < length:
+      rng = jax.random.fold_in(rng, i)
     # Keys and values are cut before the transpose, which copies them anyway.
     outs.append(_attend(query[:, :, lo:hi], heads_major(key[:, :hi]),
                         heads_major(value[:, :hi]), rows, dropout_rate, rng))
   return heads_major(jnp.concatenate(outs, axis=2))
-
-
-def _causal_rows(lo: int, hi: int) -> Array:
-  """[1, 1, hi - lo, hi]: causal_mask(hi)'s rows lo..hi-1."""
-  return (jnp.arange(lo, hi)[:, None] >= jnp.arange(hi)[None, :])[None, None]
 
 
 def _mask_rows(mask: Array, lo: int, hi: int) -> Array:
