@@ -8,6 +8,7 @@ maps them onto the mesh lives in the experiment config.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -28,14 +29,52 @@ def matmul(x: Array, kernel: Array, contract: int = 1, *,
   than handing XLA a [b, l, d] x [d, ...] dot_general, lets XLA:CPU pick
   layouts that avoid transposing the [tokens, mlp] activations in the
   backward pass (the MLP's forward+backward runs 1.6x faster on CPU); on
-  GPUs both forms compile to the same GEMM.
+  GPUs both forms compile to the same GEMM. On CPU the weight gradient also
+  gets its own form (`_cpu_matmul`).
   """
   lead = x.shape[:x.ndim - contract]
   in_shape, out_shape = kernel.shape[:contract], kernel.shape[contract:]
   k = math.prod(in_shape)
-  y = jnp.matmul(x.reshape(-1, k), kernel.reshape(k, -1),
-                 preferred_element_type=preferred_element_type)
+  x2, kernel2 = x.reshape(-1, k), kernel.reshape(k, -1)
+  if jax.default_backend() == 'cpu':
+    y = _cpu_matmul(x2, kernel2, preferred_element_type)
+  else:
+    y = jnp.matmul(x2, kernel2, preferred_element_type=preferred_element_type)
   return y.reshape(*lead, *out_shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _cpu_matmul(x: Array, w: Array, preferred_element_type) -> Array:
+  """x [n, k] @ w [k, m] whose weight gradient contracts a transposed copy.
+
+  Autodiff writes dw [k, m] as one dot contracting the token axis (axis 0)
+  of both x [n, k] and the cotangent g [n, m]. XLA:CPU runs that as an Eigen
+  GEMM with a transposed left operand, which on the MLP's shapes is 1.5-2x
+  slower than a plain one. Transposing the narrower of x and g first (a copy
+  XLA fuses into the op that produces it) makes it a plain GEMM:
+  `shakespeare_char:cpu`'s train step goes from 37.5 to 34.6 ms. The values
+  are autodiff's up to the order of the float32 sums; dx is autodiff's own.
+  """
+  return jnp.matmul(x, w, preferred_element_type=preferred_element_type)
+
+
+def _cpu_matmul_fwd(x, w, preferred_element_type):
+  return _cpu_matmul(x, w, preferred_element_type), (x, w)
+
+
+def _cpu_matmul_bwd(preferred_element_type, residuals, g):
+  x, w = residuals
+  _, x_vjp = jax.vjp(lambda x: jnp.matmul(
+      x, w, preferred_element_type=preferred_element_type), x)
+  (dx,) = x_vjp(g)
+  if x.shape[1] <= g.shape[1]:
+    dw = jnp.matmul(x.T, g, preferred_element_type=preferred_element_type)
+  else:
+    dw = jnp.matmul(g.T, x, preferred_element_type=preferred_element_type).T
+  return dx, dw.astype(w.dtype)
+
+
+_cpu_matmul.defvjp(_cpu_matmul_fwd, _cpu_matmul_bwd)
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,

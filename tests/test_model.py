@@ -139,6 +139,41 @@ def test_block_causal_attention_matches_full(block):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('contract', [1, 2])
+@pytest.mark.parametrize('out_features', [3, 16])
+@pytest.mark.parametrize('dtype,preferred', [(jnp.float32, None),
+                                             (jnp.bfloat16, jnp.float32)])
+def test_matmul_gradients_match_autodiff(contract, out_features, dtype,
+                                         preferred):
+  # On CPU `matmul` brings its own VJP (a transposed copy of the narrower of
+  # x and the cotangent). Its values, gradients and their dtypes must be
+  # autodiff's of the plain contraction, whichever operand is transposed.
+  rng = np.random.default_rng(4)
+  in_shape = (2, 4) if contract == 2 else (8,)
+  x = jnp.asarray(rng.normal(size=(2, 5, *in_shape)), dtype)
+  kernel = jnp.asarray(rng.normal(size=(*in_shape, out_features)), dtype)
+  spec = 'blhk,hkf->blf' if contract == 2 else 'bld,df->blf'
+
+  def ours(x, kernel):
+    return model.layers.matmul(x, kernel, contract,
+                               preferred_element_type=preferred)
+
+  def plain(x, kernel):
+    return jnp.einsum(spec, x, kernel, preferred_element_type=preferred)
+
+  y, vjp = jax.vjp(ours, x, kernel)
+  y_want, vjp_want = jax.vjp(plain, x, kernel)
+  g = jnp.asarray(rng.normal(size=y.shape), y.dtype)
+  tol = 1e-6 if dtype == jnp.float32 else 1e-2
+  assert y.dtype == y_want.dtype
+  np.testing.assert_allclose(y, y_want, rtol=tol, atol=tol)
+  for got, want in zip(vjp(g), vjp_want(g)):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got, np.float32),
+                               np.asarray(want, np.float32),
+                               rtol=tol, atol=tol)
+
+
 def _decode_stepwise(step_fn, cache, tokens):
   outs = []
   for i in range(tokens.shape[1]):
