@@ -52,9 +52,9 @@ def _cpu_matmul(x: Array, w: Array, preferred_element_type) -> Array:
   GEMM with a transposed operand, which on the MLP's shapes is 1.4-1.8x
   slower than a plain one alone and 2.5x inside a train step. Transposing the
   narrower of x and g first (a copy XLA fuses into the op that produces it)
-  makes it a plain GEMM: `shakespeare_char:cpu`'s train step goes from 37.2-
-  37.5 to 34.6 ms. The values are autodiff's up to the order of the float32
-  sums; dx is autodiff's own.
+  makes it a plain GEMM: `shakespeare_char:cpu`'s train step goes from
+  37.2-37.5 to 34.6 ms. The values are autodiff's up to the order of the
+  float32 sums; dx is autodiff's own.
   """
   return jnp.matmul(x, w, preferred_element_type=preferred_element_type)
 
