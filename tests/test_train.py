@@ -11,13 +11,16 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
+import textwrap
 
 import jax
 import numpy as np
 import pytest
 
 import tiny_run
-from train import loop
+from train import loop, step as step_lib
 
 pytestmark = [
     # Orbax's async internals leave these behind after failed restores.
@@ -103,6 +106,68 @@ def test_losses_do_not_depend_on_the_mesh(experiment, reference, tmp_path,
   assert sorted(losses) == list(range(1, 21))
   np.testing.assert_allclose([losses[s] for s in range(1, 21)],
                              ref_losses(reference, range(1, 21)), rtol=1e-4)
+
+
+# -- steps queued on the devices --------------------------------------------------
+
+# A data-parallel step on a CPU host split into 2 devices, dispatched N times
+# with at most LIMIT steps queued (step.InFlight); without the limit, jax
+# 0.10.2 deadlocks in the gradient all-reduce once ~32 steps are queued.
+_QUEUE_SCRIPT = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from train import step as step_lib
+    limit, n = int(sys.argv[1]), int(sys.argv[2])
+    mesh = jax.make_mesh((2,), ('data',))
+    rows, rep = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
+
+    def step(w, x):
+      g = jax.grad(lambda w: jnp.sum(jnp.tanh(x @ w) ** 2))(w)
+      return w - 0.01 * g, jnp.sum(g)
+
+    step = jax.jit(step, in_shardings=(rep, rows), out_shardings=(rep, rep),
+                   donate_argnums=0)
+    w = jax.device_put(jnp.ones((256, 256)), rep)
+    x = jax.device_put(jnp.ones((1024, 256)), rows)
+    in_flight = step_lib.InFlight(limit)
+    for _ in range(n):
+      w, m = step(w, x)
+      in_flight.push(m)
+    print('done', float(m))
+""")
+
+
+def test_queued_steps_do_not_deadlock_cpu_collectives():
+  env = tiny_run.env(num_devices=2)
+  # Abort a stuck collective after 5 s instead of 40 (the failure mode).
+  env['XLA_FLAGS'] += ' --xla_cpu_collective_call_terminate_timeout_seconds=5'
+  limit = step_lib.InFlight().limit
+  result = subprocess.run(
+      [sys.executable, '-c', _QUEUE_SCRIPT, str(limit), '100'],
+      cwd=tiny_run.REPO, env=env, capture_output=True, text=True, timeout=240)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'done' in result.stdout
+
+
+def test_the_loop_and_eval_bound_their_queued_steps(experiment, tmp_path,
+                                                    monkeypatch):
+  """Every train and eval step goes through step.InFlight, also when
+  metrics are read only every 100 steps."""
+  pushed = []
+
+  class Spy(step_lib.InFlight):
+    def push(self, outputs):
+      pushed.append(self.limit)
+      super().push(outputs)
+
+  monkeypatch.setattr(step_lib, 'InFlight', Spy)
+  config = tiny_run.load_config(
+      experiment, **{'train.num_steps': 3, 'train.log_every': 100,
+                     'train.eval_every': 3, 'train.max_eval_batches': 1,
+                     'train.checkpoint_every': 100, 'model.dropout_rate': 0.0})
+  loop.train_and_evaluate(config, str(tmp_path / 'w'), evaluate_at_end=False)
+  assert len(pushed) == 3 + 1 and max(pushed) <= 16  # 3 steps, 1 eval batch
 
 
 # -- gradient accumulation ---------------------------------------------------------

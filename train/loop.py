@@ -124,13 +124,14 @@ class Run:
     eval_step = step_lib.jit_eval_step(
         step_lib.make_eval_step(self.task.forward), self.shardings.params,
         self.mesh, self.rules)
-    totals = None
+    totals, in_flight = None, step_lib.InFlight()
     for i, batch in enumerate(batches):
       if t.max_eval_batches and i >= t.max_eval_batches:
         break
       sums = eval_step(params, self.global_batch(batch))
       totals = sums if totals is None else jax.tree_util.tree_map(
           jnp.add, totals, sums)
+      in_flight.push(totals)
     m = {k: float(v) for k, v in objectives.normalise(totals).items()}
     return {'eval/loss': m['nll'], 'eval/perplexity': float(np.exp(m['nll'])),
             'eval/accuracy': m['accuracy'], 'eval/tokens': m['tokens']}
@@ -220,6 +221,7 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True,
                                     is_chief=jax.process_index() == 0)
   last_good_step = run.ckpt.latest_step()
   window, flops, last_eval, step_time = [], 0.0, {}, None
+  in_flight = step_lib.InFlight()
   timer = time.perf_counter()
 
   def save(step, state, metrics=None):
@@ -253,6 +255,7 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True,
         state, m = train_step(state, run.global_batch(local))
         step += 1
         window.append(m)
+        in_flight.push(m)
         if step % t.log_every == 0 or step == t.num_steps:
           out = _mean_metrics(window)
           check_finite(window, step)

@@ -7,6 +7,7 @@ targets to the EncoderDecoder, language modelling feeds tokens to DecoderLM.
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Any, Callable
 
@@ -119,6 +120,38 @@ def jit_train_step(train_step, state_shardings, mesh, rules):
     with mesh, nn.logical_axis_rules(rules):
       return jitted(state, batch_arrays)
   return run
+
+
+class InFlight:
+  """Lets the host dispatch at most `limit` steps ahead of the devices.
+
+  JAX returns from a jitted call before the device has run it, so a loop
+  that only reads results every `log_every` steps queues that many steps.
+  On a CPU host split into several devices (`mesh.cpu_devices`, or the
+  tests' simulated devices), jax 0.10.2 then deadlocks in a collective's
+  rendezvous and aborts the process after its 40 s timeout: a toy
+  data-parallel step on 2 devices with 32 steps queued, and
+  `transflax train --config experiments/shakespeare_char.py:cpu
+  --config.train.log_every=1000`. With `limit` steps queued, waiting for
+  the oldest costs nothing: the devices still have `limit` steps to run.
+
+    window = InFlight()
+    for batch in batches:
+      state, metrics = train_step(state, batch)
+      window.push(metrics)
+  """
+
+  def __init__(self, limit: int = 8):
+    if limit < 1:
+      raise ValueError(f'limit must be >= 1, got {limit}')
+    self.limit = limit
+    self._queue = collections.deque()
+
+  def push(self, outputs: Any) -> None:
+    """Records a dispatched step's outputs; waits for the oldest beyond `limit`."""
+    self._queue.append(outputs)
+    while len(self._queue) > self.limit:
+      jax.block_until_ready(self._queue.popleft())
 
 
 def jit_eval_step(eval_step, params_shardings, mesh, rules):
