@@ -258,7 +258,7 @@ class _Block(grain.transforms.MapWithIndex):
   def map_with_index(self, index, i):
     offset = _epoch_offset(self._seed, index // self._per_epoch, self._len)
     start = min(i * self._len + offset, len(self._tokens) - 1 - self._len)
-    block = self._tokens[start:start + self._len + 1]
+    block = self._tokens[start:start + self._len + 1].astype(np.int32)
     return {'inputs': block[:-1], 'targets': block[1:],
             'inputs_segmentation': np.ones(self._len, np.int32),
             'inputs_position': np.arange(self._len, dtype=np.int32)}
@@ -276,10 +276,14 @@ def _epoch_offset(seed: int, epoch: int, seq_len: int) -> int:
 
 
 def _lm_tokens(tokens) -> np.ndarray:
+  """tokens as a 1-D integer array; token files (data/tokens.py) stay
+  memory-mapped in their own dtype, rows are converted as they are read."""
   tokens = np.asarray(tokens)
   if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
     raise UserError('LM tokens must be a 1-D integer array, got '
                     f'{tokens.dtype}{list(tokens.shape)}.')
+  if tokens.dtype in (np.uint16, np.uint32):
+    return tokens
   return tokens.astype(np.int32, copy=False)
 
 

@@ -29,12 +29,13 @@ def get_config(preset: str = 'transformer_base') -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.dir = ''                   # '' -> $TRANSFLAX_DATA -> ~/.cache/transflax
-  c.data.corpus = 'multi30k'        # multi30k | wmt | parallel | tinyshakespeare | text
+  c.data.corpus = 'multi30k'        # multi30k | wmt | parallel | tinyshakespeare | text | tokens
   c.data.src_lang = 'en'
   c.data.tgt_lang = 'de'
   c.data.wmt_dataset = 'wmt14'      # HF datasets name (corpus=wmt)
   c.data.wmt_pair = 'de-en'         # HF datasets config (corpus=wmt)
-  # corpus=parallel/text: split -> 'SRC,TGT' files, one .tsv, or 'F1,F2' text.
+  # corpus=parallel/text: split -> 'SRC,TGT' files, one .tsv, or 'F1,F2' text;
+  # corpus=tokens: split -> one token file of data/tokens.py (DIR/train.bin).
   c.data.files = ml_collections.ConfigDict(dict(train='', val='', test=''))
   c.data.train_split = 'train'
   c.data.eval_split = 'val'         # eval loss (and BLEU) during training

@@ -7,6 +7,7 @@ r"""GPT-2 small (124M) and medium (355M): nanoGPT's train_gpt2 recipe.
       --config.data.files.train=owt_train.txt \
       --config.data.files.val=owt_val.txt \
       --config.data.tokenizer.path=gpt2_bpe.model
+  # OpenWebText or FineWeb: tokenized once into memory-mapped files (below).
   transflax generate --workdir runs/gpt2 --prompt 'The meaning of life is'
   transflax bench --config experiments/gpt2.py:small --steps 20
 
@@ -35,18 +36,26 @@ Compute is bfloat16 with float32 parameters and optimizer state
 for the fused attention kernel (no [len, len] matrix in memory).
 
 Data: `data.corpus='text'` reads data.files.train / data.files.val, one
-document per line, each followed by EOS. The tokenizer is a SentencePiece BPE
-with byte fallback and 50,257 pieces (GPT-2's vocabulary size, not its
-merges). Train it once on a sample of the corpus, since training on all of
-OpenWebText would not fit in memory, and pass it as data.tokenizer.path:
+document per line, each followed by EOS, and tokenizes them in memory at
+start: corpora of a few GB. OpenWebText or FineWeb are tokenized once into
+memory-mapped token files instead (data/tokens.py; extra `hf` streams the
+dataset), which `data.corpus='tokens'` reads block by block:
+
+  python -m data.tokens --tokenizer gpt2_bpe.model --out owt \
+      --hf_dataset openwebtext --val_every 2000   # nanoGPT's 0.05% val
+  transflax train --config experiments/gpt2.py:small --workdir runs/gpt2 \
+      --config.data.corpus=tokens --config.data.files.train=owt/train.bin \
+      --config.data.files.val=owt/val.bin \
+      --config.data.tokenizer.path=gpt2_bpe.model
+
+(FineWeb: --hf_dataset HuggingFaceFW/fineweb --hf_config sample-10BT.) The
+tokenizer is a SentencePiece BPE with byte fallback and 50,257 pieces
+(GPT-2's vocabulary size, not its merges). Train it once on a sample of the
+corpus, since training on all of OpenWebText would not fit in memory:
 
   python -c "from data import tokenizer; tokenizer.train_tokenizer(
       'owt_sample.txt', vocab_size=50257, model_type='bpe',
       character_coverage=0.9995, path='gpt2_bpe.model')"
-
-The whole training text is read and tokenized in memory, so this suits
-corpora of a few GB; OpenWebText/FineWeb-scale data needs a pre-tokenized,
-memory-mapped reader (not yet in data/).
 
 Hardware and expected result: one host with 8 x A100 40GB or better
 (nanoGPT's reference; multi-host via mesh.*). nanoGPT reaches val loss ~2.85

@@ -18,6 +18,7 @@ from absl import logging
 
 from data import pipeline, sources
 from data import tokenizer as tokenizers
+from data import tokens as token_files
 from data.errors import UserError
 from model import DecoderLM, EncoderDecoder, TransformerConfig, config_from_dict
 
@@ -181,10 +182,14 @@ class LanguageModel(Task):
     if d.corpus == 'text':
       return sources.read_text(split_files(d, split, 'FILE[,FILE...]'))
     raise UserError(f'data.corpus={d.corpus!r} is not one of tinyshakespeare, '
-                    f'text for task lm')
+                    f'text, tokens for task lm')
 
   def _train_tokenizer(self, tok_cfg):
     d = self.config.data
+    if d.corpus == 'tokens':
+      raise UserError('data.corpus=tokens reads ids, not text: set '
+                      'data.tokenizer.path to the tokenizer the token files '
+                      'were made with (`python -m data.tokens --tokenizer`)')
     if tok_cfg.type == 'char':
       # nanoGPT builds its vocabulary from the whole file.
       return tokenizers.CharTokenizer.from_text(
@@ -197,6 +202,13 @@ class LanguageModel(Task):
         max_sentences=tok_cfg.max_sentences)
 
   def tokens(self, split: str) -> np.ndarray:
+    d = self.config.data
+    if d.corpus == 'tokens':  # prepared by data/tokens.py: memory-mapped
+      paths = split_files(d, split, 'DIR/SPLIT.bin')
+      if len(paths) != 1:
+        raise UserError(f'data.files.{split}={",".join(paths)}: corpus=tokens '
+                        'takes one token file per split')
+      return token_files.load(paths[0], self.tokenizer)
     text = self.text(split)
     if isinstance(self.tokenizer, tokenizers.CharTokenizer):
       ids = self.tokenizer.encode(text, add_eos=False)
