@@ -7,6 +7,13 @@ batches of batch_size x max_length tokens (default 32 x 128 = 4096). LM: Tiny
 Shakespeare characters, batches of 64 x 256. Prints batches/s, tokens/s and
 the share of non-padding target tokens (packing efficiency). The train step's
 rate is measured separately; the pipeline must stay well ahead of it.
+
+  python -m data.bench_pipeline --lm_tokens=owt/train.bin \
+      --lm_tokenizer=gpt2_bpe.model
+
+also times a token file of data/tokens.py, memory-mapped, in GPT-2's
+micro-batches of 96 x 1024, and prints the process's anonymous memory (the
+file's pages the kernel maps are page cache, not copies).
 """
 
 import tempfile
@@ -19,6 +26,7 @@ import numpy as np
 from data import pipeline
 from data import sources
 from data import tokenizer
+from data import tokens as token_files
 
 _DATA_DIR = flags.DEFINE_string(
     'data_dir', None, 'Data root (default: $TRANSFLAX_DATA, ~/.cache/transflax).')
@@ -27,6 +35,17 @@ _MAX_LENGTH = flags.DEFINE_integer('max_length', 128, 'Translation row length.')
 _VOCAB = flags.DEFINE_integer('vocab_size', 8000, 'SentencePiece vocabulary size.')
 _STEPS = flags.DEFINE_integer('steps', 300, 'Batches to time (after 10 warm-up batches).')
 _PACK = flags.DEFINE_bool('pack', True, 'Pack several pairs per row.')
+_LM_TOKENS = flags.DEFINE_string(
+    'lm_tokens', None, 'A token file of data/tokens.py to time as well.')
+_LM_TOKENIZER = flags.DEFINE_string(
+    'lm_tokenizer', None, 'The tokenizer that --lm_tokens was made with.')
+
+
+def _anon_mb() -> float:
+  """This process's anonymous resident memory (Linux), MB."""
+  with open('/proc/self/status') as f:
+    fields = dict(line.split(':', 1) for line in f)
+  return int(fields['RssAnon'].split()[0]) / 1024
 
 
 def _time(ds, steps: int) -> tuple[float, float]:
@@ -74,6 +93,15 @@ def main(argv):
   ds = pipeline.lm_train(ids, batch_size=64, seq_len=256, seed=0)
   rate, _ = _time(ds, _STEPS.value)
   print(f'lm: {rate:.1f} batches/s of 64x256 ({rate * 64 * 256:,.0f} tokens/s)')
+
+  if _LM_TOKENS.value:
+    ids = token_files.load(_LM_TOKENS.value,
+                           tokenizer.load(_LM_TOKENIZER.value))
+    ds = pipeline.lm_train(ids, batch_size=96, seq_len=1024, seed=0)
+    rate, _ = _time(ds, _STEPS.value)
+    print(f'lm token file: {len(ids):,} tokens, {rate:.1f} batches/s of '
+          f'96x1024 ({rate * 96 * 1024:,.0f} tokens/s); anonymous memory '
+          f'{_anon_mb():,.0f} MB')
 
 
 if __name__ == '__main__':

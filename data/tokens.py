@@ -33,6 +33,7 @@ unbroken stream (nanoGPT's shakespeare_char). Empty documents are skipped.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -43,7 +44,6 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from data import sources
 from data import tokenizer as tokenizers
 from data.errors import UserError
 
@@ -212,14 +212,28 @@ def hf_documents(dataset: str, config: str | None = None, split: str = 'train',
 
 
 def file_documents(paths: Sequence[str], tokenizer) -> Iterator[str]:
-  """The documents of local text files as `LanguageModel.tokens` reads them:
-  lines (split on '\n' only), or each file whole for a character tokenizer."""
-  for p in paths:
-    text = sources.read_text(p)
-    if isinstance(tokenizer, tokenizers.CharTokenizer):
-      yield text
-    else:
-      yield from text.split('\n')
+  """The documents of local text files (plain or .gz) as
+  `LanguageModel.tokens` reads them: lines split on '\\n' only, or, for a
+  character tokenizer, the text itself (yielded line by line, '\\n' kept).
+  Streamed: a file larger than memory is fine."""
+  keep_newlines = isinstance(tokenizer, tokenizers.CharTokenizer)
+  for path in paths:
+    try:
+      f = gzip.open(path, 'rb') if path.endswith('.gz') else open(path, 'rb')
+    except FileNotFoundError:
+      raise UserError(f'{path}: file not found; check the path.') from None
+    with f:
+      try:
+        for number, line in enumerate(f, 1):
+          try:
+            text = line.decode('utf-8')
+          except UnicodeDecodeError as e:
+            raise UserError(f'{path}: invalid UTF-8 on line {number} '
+                            f'({e.reason}); re-encode the file as UTF-8.'
+                            ) from None
+          yield text if keep_newlines else text.removesuffix('\n')
+      except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError.
+        raise UserError(f'{path}: cannot read ({e}); replace the file.') from e
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,7 @@ an HF dataset (a stand-in `datasets` module: no network in tests); damaged,
 unfinished or foreign token files are refused with the file named.
 """
 
+import gzip
 import json
 import sys
 import types
@@ -142,6 +143,22 @@ def test_damaged_unfinished_or_foreign_token_files_are_refused(corpus,
   (tmp_path / 'train.json').unlink()
   with pytest.raises(UserError, match='train.json not found.*interrupted'):
     tokens.load(path, tok)
+
+
+def test_local_files_stream_plain_or_gzipped_and_bad_utf8_is_named(
+    corpus, tmp_path):
+  _, train, _, tok = corpus
+  packed = tmp_path / 'train.txt.gz'
+  packed.write_bytes(gzip.compress(train.read_bytes()))
+  assert (list(tokens.file_documents([str(packed)], tok))
+          == train.read_text().split('\n')[:-1])
+  bad = tmp_path / 'bad.txt'
+  bad.write_bytes(b'fine\nstill fine\nbroken \xff here\n')
+  with pytest.raises(UserError, match='bad.txt: invalid UTF-8 on line 3'):
+    tokens.write_split(tokens.file_documents([str(bad)], tok), tok,
+                       tmp_path / 'bad.bin')
+  assert not (tmp_path / 'bad.bin').exists()
+  assert not (tmp_path / 'bad.json').exists()
 
 
 def test_the_command_prepares_local_files(corpus, tmp_path, capsys):
