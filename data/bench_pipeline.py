@@ -95,6 +95,9 @@ def main(argv):
   print(f'lm: {rate:.1f} batches/s of 64x256 ({rate * 64 * 256:,.0f} tokens/s)')
 
   if _LM_TOKENS.value:
+    if not _LM_TOKENIZER.value:
+      raise app.UsageError('--lm_tokens needs --lm_tokenizer, the tokenizer '
+                           'the token file was made with')
     ids = token_files.load(_LM_TOKENS.value,
                            tokenizer.load(_LM_TOKENIZER.value))
     ds = pipeline.lm_train(ids, batch_size=96, seq_len=1024, seed=0)

@@ -48,8 +48,10 @@ from data.errors import UserError
 TRANSLATION_KEYS = ('inputs', 'targets', 'inputs_segmentation',
                     'targets_segmentation', 'inputs_position', 'targets_position')
 LM_KEYS = ('inputs', 'targets', 'inputs_segmentation', 'inputs_position')
-# Everything is in memory already: reader threads would only contend for the
-# GIL (grain's own advice for in-memory sources).
+# Everything is in memory already, or memory-mapped (data/tokens.py) and read
+# a block per row: reader threads would only contend for the GIL (grain's own
+# advice for in-memory sources). Worker processes (mp_prefetch) would pickle
+# the token array, a memory-mapped file included, into each worker.
 _READ = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
 

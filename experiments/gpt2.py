@@ -42,13 +42,15 @@ memory-mapped token files instead (data/tokens.py; extra `hf` streams the
 dataset), which `data.corpus='tokens'` reads block by block:
 
   python -m data.tokens --tokenizer gpt2_bpe.model --out owt \
-      --hf_dataset openwebtext --val_every 2000   # nanoGPT's 0.05% val
+      --hf_dataset Skylion007/openwebtext --val_every 2000  # 0.05% val
   transflax train --config experiments/gpt2.py:small --workdir runs/gpt2 \
       --config.data.corpus=tokens --config.data.files.train=owt/train.bin \
       --config.data.files.val=owt/val.bin \
       --config.data.tokenizer.path=gpt2_bpe.model
 
-(FineWeb: --hf_dataset HuggingFaceFW/fineweb --hf_config sample-10BT.) The
+(FineWeb: --hf_dataset HuggingFaceFW/fineweb --hf_config sample-10BT. See
+data/tokens.py for OpenWebText's loading-script caveat; no download was
+tried here.) The
 tokenizer is a SentencePiece BPE with byte fallback and 50,257 pieces
 (GPT-2's vocabulary size, not its merges). Train it once on a sample of the
 corpus, since training on all of OpenWebText would not fit in memory:

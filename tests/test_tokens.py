@@ -102,6 +102,8 @@ def test_an_hf_dataset_streams_into_train_and_val(corpus, tmp_path,
       _expected(tok, [d for i, d in enumerate(docs) if i % 4]))
   with pytest.raises(UserError, match="no field 'content'.*--text_field"):
     list(tokens.hf_documents('openwebtext', field='content'))
+  with pytest.raises(UserError, match="field 'id' is a int, not text"):
+    list(tokens.hf_documents('openwebtext', field='id'))
 
   def dropped(*args, **kwargs):
     yield {'text': docs[0]}
@@ -157,8 +159,26 @@ def test_local_files_stream_plain_or_gzipped_and_bad_utf8_is_named(
   with pytest.raises(UserError, match='bad.txt: invalid UTF-8 on line 3'):
     tokens.write_split(tokens.file_documents([str(bad)], tok), tok,
                        tmp_path / 'bad.bin')
-  assert not (tmp_path / 'bad.bin').exists()
-  assert not (tmp_path / 'bad.json').exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      'bad.txt', 'train.txt.gz']  # no half-written or temporary files
+
+
+def test_a_failed_prepare_keeps_the_previous_split(corpus, tmp_path):
+  """The failure comes from the last batch, tokenized when the split is
+  finished: a character the character tokenizer does not know."""
+  _, train, _, _ = corpus
+  tok = tokenizers.CharTokenizer.from_text('abc \n')
+  meta = tokens.write(['abc', 'cab'], tok, tmp_path, val_every=2)
+  with pytest.raises(UserError):
+    tokens.write(['abc', 'cab', 'abz'], tok, tmp_path, val_every=2)
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      'train.bin', 'train.json', 'val.bin', 'val.json']
+  np.testing.assert_array_equal(tokens.load(tmp_path / 'val.bin', tok),
+                                tok.encode('abc', add_eos=False))
+  assert tokens.load(tmp_path / 'train.bin', tok).size == 3
+  assert meta['val']['num_documents'] == 1
+  with pytest.raises(UserError, match='val_every=1: use 0'):
+    tokens.write(['abc'], tok, tmp_path, val_every=1)
 
 
 def test_the_command_prepares_local_files(corpus, tmp_path, capsys):
