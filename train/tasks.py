@@ -222,9 +222,14 @@ class LanguageModel(Task):
 
   def train_dataset(self, batch_size: int, shard_index: int, shard_count: int):
     d, t = self.config.data, self.config.train
-    return pipeline.lm_train(
-        self.tokens(d.train_split), batch_size=batch_size, seq_len=d.seq_len,
-        seed=t.seed, shard_index=shard_index, shard_count=shard_count)
+    tokens = self.tokens(d.train_split)
+    try:
+      return pipeline.lm_train(
+          tokens, batch_size=batch_size, seq_len=d.seq_len, seed=t.seed,
+          shard_index=shard_index, shard_count=shard_count)
+    except UserError as e:  # too little text: say which
+      source = d.files.to_dict().get(d.train_split) or d.corpus
+      raise UserError(f'{source} ({d.train_split} split): {e}') from None
 
   def eval_batches(self, split: str, batch_size: int, shard_index: int,
                    shard_count: int):
