@@ -63,6 +63,7 @@ def get_config(preset: str = 'transformer_base') -> ml_collections.ConfigDict:
   c.train.seed = 0
   c.train.label_smoothing = 0.1     # paper 5.4
   c.train.z_loss = 0.0
+  c.train.loss_chunk = 0            # LM: logits made this many positions at a time (0: all)
   c.train.log_every = 100
   c.train.eval_every = 1000
   c.train.eval_batch_size = 64      # global rows per eval batch

@@ -33,7 +33,10 @@ micro-batches of 96 rows: 12 rows per GPU on 8 GPUs, nanoGPT's setting. On
 one GPU use --config.train.grad_accum_steps=40 (12 rows per micro-batch).
 Compute is bfloat16 with float32 parameters and optimizer state
 (model.dtype); add --config.model.attention_impl=cudnn on Ampere/Hopper GPUs
-for the fused attention kernel (no [len, len] matrix in memory).
+for the fused attention kernel (no [len, len] matrix in memory), and
+--config.train.loss_chunk=128 to make the 50,304-wide logits 128 positions
+at a time instead of all at once (same loss; frees room for larger
+micro-batches; not yet timed on a GPU).
 
 Data: `data.corpus='text'` reads data.files.train / data.files.val, one
 document per line, each followed by EOS, and tokenizes them in memory at

@@ -145,7 +145,10 @@ class Decoder(nn.Module):
   def __call__(self, tokens: Array, *, valid: Array | None = None,
                segments: Array | None = None, positions: Array | None = None,
                encoded: Array | None = None, encoded_valid: Array | None = None,
-               encoded_segments: Array | None = None) -> Array:
+               encoded_segments: Array | None = None,
+               return_hidden: bool = False) -> Array:
+    """logits [b, t, v]; return_hidden: the final hidden states [b, t, d]
+    instead (after the last norm), for a loss that makes logits in chunks."""
     cfg = self.config
     decode_index = None
     self_mask = cross_mask = None
@@ -182,6 +185,8 @@ class Decoder(nn.Module):
           x, self_mask, positions, encoded, cross_mask, decode_index)
     if cfg.norm_position == 'pre':
       x = Norm(cfg, name='final_norm')(x)
+    if return_hidden:
+      return x
     if cfg.tie_output:
       return self.embed.attend(x)
     logits = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.compute_dtype,
@@ -250,13 +255,28 @@ class DecoderLM(nn.Module):
     self.decoder = Decoder(self.config, embed=self.embed, cross_attention=False)
 
   def __call__(self, tokens: Array, segment_ids: Array | None = None,
-               positions: Array | None = None) -> Array:
-    """tokens [b, l] -> logits [b, l, v]; decode mode: tokens [b, 1]."""
+               positions: Array | None = None, *,
+               return_hidden: bool = False) -> Array:
+    """tokens [b, l] -> logits [b, l, v]; decode mode: tokens [b, 1].
+
+    return_hidden: the final hidden states [b, l, d] instead; `logits` turns
+    them (or a slice of them) into logits.
+    """
     if self.config.decode:
       return self.decoder(tokens)
     valid = None if segment_ids is None else segment_ids > 0
     return self.decoder(tokens, valid=valid, segments=segment_ids,
-                        positions=positions)
+                        positions=positions, return_hidden=return_hidden)
+
+  def logits(self, hidden: Array) -> Array:
+    """hidden [..., d] (from return_hidden) -> logits [..., v], float32.
+
+    Tied output embeddings only: an untied projection lives inside the
+    decoder's compact call.
+    """
+    if not self.config.tie_output:
+      raise ValueError('DecoderLM.logits needs model.tie_output=True')
+    return self.embed.attend(hidden)
 
 
 def init_cache(model: nn.Module, batch_size: int, max_decode_len: int,

@@ -170,6 +170,30 @@ def test_the_loop_and_eval_bound_their_queued_steps(experiment, tmp_path,
   assert len(pushed) == 3 + 1 and max(pushed) <= 16  # 3 steps, 1 eval batch
 
 
+# -- chunked loss -------------------------------------------------------------------
+
+
+def test_chunked_loss_trains_like_the_whole_logits(experiment, reference,
+                                                   tmp_path):
+  """train.loss_chunk makes the logits 4 positions at a time: same losses
+  (dropout included), and the same eval loss."""
+  config = tiny_run.load_config(
+      experiment, **{'train.num_steps': 10, 'train.loss_chunk': 4,
+                     'train.eval_every': 10, 'train.max_eval_batches': 1})
+  final = loop.train_and_evaluate(config, str(tmp_path / 'w'),
+                                  evaluate_at_end=False)
+  losses = tiny_run.losses(tiny_run.metrics(tmp_path / 'w'))
+  np.testing.assert_allclose([losses[s] for s in range(1, 11)],
+                             ref_losses(reference, range(1, 11)), rtol=1e-5)
+  whole = tiny_run.load_config(
+      experiment, **{'train.num_steps': 10, 'train.eval_every': 10,
+                     'train.max_eval_batches': 1, 'train.checkpoint_every': 10})
+  np.testing.assert_allclose(
+      final['eval/loss'],
+      loop.train_and_evaluate(whole, str(tmp_path / 'whole'),
+                              evaluate_at_end=False)['eval/loss'], rtol=1e-5)
+
+
 # -- gradient accumulation ---------------------------------------------------------
 
 

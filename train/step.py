@@ -3,6 +3,8 @@
 `forward(params, batch, rngs) -> (logits [b, l, v], targets [b, l])` is the
 only task-specific piece (train/tasks.py): translation feeds inputs and
 targets to the EncoderDecoder, language modelling feeds tokens to DecoderLM.
+With `train.loss_chunk` an LM returns `objectives.Hidden` instead of the
+logits, and the loss makes them a slice at a time.
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ def make_train_step(forward: Forward, schedule: optax.Schedule, *,
   """
 
   def loss_sums(params, batch, rng):
-    logits, targets = forward(params, batch, {'dropout': rng})
-    sums = objectives.cross_entropy_sums(
-        logits, targets, objectives.target_weights(targets),
+    outputs, targets = forward(params, batch, {'dropout': rng})
+    sums = objectives.token_sums(
+        outputs, targets, objectives.target_weights(targets),
         label_smoothing=label_smoothing, z_loss=z_loss)
     return sums['loss'], sums
 
@@ -82,9 +84,9 @@ def make_eval_step(forward: Forward):
   """Returns eval_step(params, batch) -> token sums (loss = plain cross-entropy)."""
 
   def eval_step(params, batch):
-    logits, targets = forward(params, batch, {})
-    return objectives.cross_entropy_sums(
-        logits, targets, objectives.target_weights(targets))
+    outputs, targets = forward(params, batch, {})
+    return objectives.token_sums(outputs, targets,
+                                 objectives.target_weights(targets))
 
   return eval_step
 

@@ -21,6 +21,7 @@ from data import tokenizer as tokenizers
 from data import tokens as token_files
 from data.errors import UserError
 from model import DecoderLM, EncoderDecoder, TransformerConfig, config_from_dict
+from train import objectives
 
 TOKENIZER_FILE = 'tokenizer.model'
 
@@ -111,6 +112,12 @@ class Translation(Task):
   module_class = EncoderDecoder
   batch_keys = pipeline.TRANSLATION_KEYS
 
+  def __init__(self, config, workdir: str | None, *, with_tokenizer=True):
+    if config.train.get('loss_chunk', 0):
+      raise UserError('train.loss_chunk is for language models (task=lm); '
+                      'set it to 0')
+    super().__init__(config, workdir, with_tokenizer=with_tokenizer)
+
   def _model_args(self, b):
     return (b['inputs'], b['targets'], b['inputs_segmentation'],
             b['targets_segmentation'], b['inputs_position'],
@@ -169,11 +176,35 @@ class LanguageModel(Task):
   module_class = DecoderLM
   batch_keys = pipeline.LM_KEYS
 
+  def __init__(self, config, workdir: str | None, *, with_tokenizer=True):
+    super().__init__(config, workdir, with_tokenizer=with_tokenizer)
+    chunk, length = config.train.get('loss_chunk', 0), config.data.seq_len
+    if chunk and (chunk < 0 or length % chunk):
+      raise UserError(f'train.loss_chunk={chunk} must divide data.seq_len='
+                      f'{length} (or be 0: all positions at once)')
+    if chunk and not self.model_config.tie_output:
+      raise UserError('train.loss_chunk needs tied output embeddings '
+                      '(model.tie_output=True)')
+
   def _model_args(self, b):
     # Rows are contiguous blocks of one stream: causality alone is the right
     # mask (padding only ever trails, after every real query), and leaving
     # segments out lets a fused causal attention kernel run.
     return (b['inputs'], None, b['inputs_position'])
+
+  def forward(self, params, batch, rngs):
+    """As Task.forward; with train.loss_chunk, `objectives.Hidden` instead
+    of the logits, which the loss then makes loss_chunk positions at a time."""
+    chunk = self.config.train.get('loss_chunk', 0)  # absent: older workdirs
+    if not chunk:
+      return super().forward(params, batch, rngs)
+    m = self.module(train='dropout' in rngs)
+    states = m.apply({'params': params}, *self._model_args(batch), rngs=rngs,
+                     return_hidden=True)
+
+    def to_logits(h):
+      return m.apply({'params': params}, h, method=DecoderLM.logits)
+    return objectives.Hidden(states, to_logits, chunk), batch['targets']
 
   def text(self, split: str) -> str:
     d = self.config.data
