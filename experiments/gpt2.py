@@ -36,7 +36,9 @@ Compute is bfloat16 with float32 parameters and optimizer state
 for the fused attention kernel (no [len, len] matrix in memory), and
 --config.train.loss_chunk=128 to make the 50,304-wide logits 128 positions
 at a time instead of all at once (same loss; frees room for larger
-micro-batches; not yet timed on a GPU).
+micro-batches at ~10% more FLOPs; on several data-parallel devices it
+reduces the embedding gradient once per chunk, see train/objectives.py;
+not yet timed on a GPU).
 
 Data: `data.corpus='text'` reads data.files.train / data.files.val, one
 document per line, each followed by EOS, and tokenizes them in memory at

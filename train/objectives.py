@@ -8,6 +8,7 @@ exactly equal to one batch of N*b rows.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
@@ -84,6 +85,13 @@ def chunked_cross_entropy_sums(hidden: Hidden, targets: Array, weights: Array,
   makes them again (`jax.checkpoint`) instead of keeping them. For GPT-2's
   50,304-id vocabulary the float32 logits of 16 x 1024 tokens are 3.3 GB;
   with chunk 128 one slice is 1/8 of that. Same sums up to float rounding.
+
+  Costs: making the logits twice adds 2 * d * v FLOPs per token (GPT-2
+  small: ~10% of its 6N). And on a mesh with several data or fsdp devices,
+  XLA:CPU reduces the output embedding's gradient across devices once per
+  slice inside the loop, not once per step (seen in the compiled program);
+  one device is unaffected. Summing it per device under `shard_map` would
+  avoid that; not done yet.
   """
   b, l, d = hidden.states.shape
   c = hidden.chunk
@@ -93,7 +101,7 @@ def chunked_cross_entropy_sums(hidden: Hidden, targets: Array, weights: Array,
   def split(x):  # [b, l, ...] -> [l / c, b, c, ...]
     return jnp.swapaxes(x.reshape(b, l // c, c, *x.shape[2:]), 0, 1)
 
-  @jax.checkpoint
+  @functools.partial(jax.checkpoint, prevent_cse=False)  # inside a scan
   def slice_sums(states, t, w):
     return cross_entropy_sums(hidden.to_logits(states), t, w, **kwargs)
 

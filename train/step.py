@@ -20,7 +20,9 @@ from flax import linen as nn
 
 from train import objectives, partitioning
 
-Forward = Callable[[Any, dict, dict], tuple[jax.Array, jax.Array]]
+# (params, batch, rngs) -> (logits or objectives.Hidden, targets)
+Forward = Callable[[Any, dict, dict],
+                   tuple[jax.Array | objectives.Hidden, jax.Array]]
 
 
 def _tree_add(a, b):

@@ -179,7 +179,7 @@ class LanguageModel(Task):
   def __init__(self, config, workdir: str | None, *, with_tokenizer=True):
     super().__init__(config, workdir, with_tokenizer=with_tokenizer)
     chunk, length = config.train.get('loss_chunk', 0), config.data.seq_len
-    if chunk and (chunk < 0 or length % chunk):
+    if chunk and (not isinstance(chunk, int) or chunk < 0 or length % chunk):
       raise UserError(f'train.loss_chunk={chunk} must divide data.seq_len='
                       f'{length} (or be 0: all positions at once)')
     if chunk and not self.model_config.tie_output:
