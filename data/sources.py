@@ -27,7 +27,7 @@ import pathlib
 import tempfile
 import urllib.error
 import urllib.request
-from typing import Iterable, NamedTuple, Sequence
+from typing import Iterable, Iterator, NamedTuple, Sequence
 
 from absl import logging
 
@@ -119,6 +119,48 @@ def _decode(data: bytes, path: PathLike) -> str:
                     're-encode the file as UTF-8.') from None
 
 
+def stream_lines(path: PathLike, *, keep_newlines: bool = False
+                 ) -> Iterator[str]:
+  """The lines of a UTF-8 text file (plain or .gz), read one at a time.
+
+  Split on '\\n' only, like `read_text(path).split('\\n')` (a '\\r' stays);
+  with keep_newlines each line keeps its '\\n', so they join back into the
+  text. For files larger than memory; errors as `read_text`'s.
+  """
+  path = pathlib.Path(path)
+  try:
+    f = gzip.open(path, 'rb') if path.suffix == '.gz' else open(path, 'rb')
+  except FileNotFoundError:
+    raise UserError(f'{path}: file not found; check the path '
+                    '(or config.data.dir / $TRANSFLAX_DATA).') from None
+  except OSError as e:
+    raise UserError(f'{path}: cannot read ({e}); check the path.') from e
+  with f:
+    try:
+      for number, line in enumerate(f, 1):
+        try:
+          text = line.decode('utf-8')
+        except UnicodeDecodeError as e:
+          raise UserError(f'{path}: invalid UTF-8 on line {number} '
+                          f'({e.reason}); re-encode the file as UTF-8.'
+                          ) from None
+        yield text if keep_newlines else text.removesuffix('\n')
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError.
+      raise UserError(f'{path}: cannot read ({e}); replace the file.') from e
+
+
+def write_atomic(path: PathLike, data: bytes) -> None:
+  """Writes `data` to `path` via a temporary file and a rename, so that a
+  crash or a concurrent host never sees half a file; readable by all (0644)."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
+  with os.fdopen(fd, 'wb') as f:
+    f.write(data)
+  os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide it from other users
+  os.replace(tmp, path)
+
+
 def read_lines(path: PathLike) -> list[str]:
   """All lines of a UTF-8 text file (plain or .gz), without their '\\n' or '\\r\\n'.
 
@@ -202,12 +244,7 @@ def _fetch(url: str, target: pathlib.Path, sha256: str | None) -> None:
     except (OSError, EOFError) as e:
       raise UserError(f'{url}: download is not a complete gzip file ({e}); '
                       f'retry, or put a copy at {target}.') from e
-  target.parent.mkdir(parents=True, exist_ok=True)
-  # Write-then-rename so a concurrent host or a crash never leaves half a file.
-  fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f'.{target.name}.')
-  with os.fdopen(fd, 'wb') as f:
-    f.write(data)
-  os.replace(tmp, target)
+  write_atomic(target, data)
   logging.info('Downloaded %s to %s.', url, target)
 
 

@@ -27,7 +27,6 @@ import io
 import json
 import os
 import pathlib
-import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -84,12 +83,7 @@ class _Base:
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes `serialized` to `path` (atomically: a crash leaves no half file)."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.')
-    with os.fdopen(fd, 'wb') as f:
-      f.write(self.serialized)
-    os.replace(tmp, path)
+    sources.write_atomic(path, self.serialized)
 
   @staticmethod
   def load(path: str | os.PathLike) -> 'Tokenizer | CharTokenizer':

@@ -42,7 +42,6 @@ complete.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import os
@@ -53,6 +52,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from data import sources
 from data import tokenizer as tokenizers
 from data.errors import UserError
 
@@ -123,12 +123,7 @@ class _Writer:
     meta_path.unlink(missing_ok=True)  # The old split is gone from here on.
     os.chmod(self._tmp, 0o644)  # mkstemp's 0600 would hide it from other users
     os.replace(self._tmp, self.path)
-    fd, tmp = tempfile.mkstemp(dir=self.path.parent,
-                               prefix=f'.{meta_path.name}.')
-    with os.fdopen(fd, 'w') as f:
-      f.write(json.dumps(meta, indent=2) + '\n')
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, meta_path)
+    sources.write_atomic(meta_path, (json.dumps(meta, indent=2) + '\n').encode())
 
 
 def _write(documents: Iterable[str], tokenizer,
@@ -252,24 +247,9 @@ def file_documents(paths: Sequence[str], tokenizer) -> Iterator[str]:
   `LanguageModel.tokens` reads them: lines split on '\\n' only, or, for a
   character tokenizer, the text itself (yielded line by line, '\\n' kept).
   Streamed: a file larger than memory is fine."""
-  keep_newlines = isinstance(tokenizer, tokenizers.CharTokenizer)
+  keep = isinstance(tokenizer, tokenizers.CharTokenizer)
   for path in paths:
-    try:
-      f = gzip.open(path, 'rb') if path.endswith('.gz') else open(path, 'rb')
-    except OSError as e:
-      raise UserError(f'{path}: cannot open ({e}); check the path.') from None
-    with f:
-      try:
-        for number, line in enumerate(f, 1):
-          try:
-            text = line.decode('utf-8')
-          except UnicodeDecodeError as e:
-            raise UserError(f'{path}: invalid UTF-8 on line {number} '
-                            f'({e.reason}); re-encode the file as UTF-8.'
-                            ) from None
-          yield text if keep_newlines else text.removesuffix('\n')
-      except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError.
-        raise UserError(f'{path}: cannot read ({e}); replace the file.') from e
+    yield from sources.stream_lines(path, keep_newlines=keep)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
