@@ -139,15 +139,18 @@ def test_block_causal_attention_matches_full(block):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('backend', ['cpu', 'gpu'])
 @pytest.mark.parametrize('contract', [1, 2])
 @pytest.mark.parametrize('out_features', [3, 16])
 @pytest.mark.parametrize('dtype,preferred', [(jnp.float32, None),
                                              (jnp.bfloat16, jnp.float32)])
 def test_matmul_gradients_match_autodiff(contract, out_features, dtype,
-                                         preferred):
+                                         preferred, backend, monkeypatch):
   # On CPU `matmul` brings its own VJP (a transposed copy of the narrower of
-  # x and the cotangent). Its values, gradients and their dtypes must be
-  # autodiff's of the plain contraction, whichever operand is transposed.
+  # x and the cotangent); elsewhere a bf16 matmul with a float32 output
+  # brings one that casts the cotangent to bf16. Values, gradients and their
+  # dtypes must be autodiff's of the plain contraction either way.
+  monkeypatch.setattr(jax, 'default_backend', lambda: backend)
   rng = np.random.default_rng(4)
   in_shape = (2, 4) if contract == 2 else (8,)
   x = jnp.asarray(rng.normal(size=(2, 5, *in_shape)), dtype)
@@ -169,9 +172,12 @@ def test_matmul_gradients_match_autodiff(contract, out_features, dtype,
   np.testing.assert_allclose(y, y_want, rtol=tol, atol=tol)
   for got, want in zip(vjp(g), vjp_want(g)):
     assert got.dtype == want.dtype and got.shape == want.shape
-    np.testing.assert_allclose(np.asarray(got, np.float32),
-                               np.asarray(want, np.float32),
-                               rtol=tol, atol=tol)
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    if backend == 'gpu' and dtype == jnp.bfloat16:
+      # The cotangent itself is rounded to bf16: a bf16 operand's error.
+      assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
+    else:
+      np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
 
 
 def _decode_stepwise(step_fn, cache, tokens):
