@@ -30,15 +30,20 @@ cosine from 6e-4 to 6e-5 over 600k steps; no label smoothing. Medium uses
 3e-4 (GPT-3 paper, Table 2.1, for its 350M model). A step is 480 rows of 1024
 tokens (491,520 tokens, nanoGPT's ~0.5M), as `train.grad_accum_steps` = 5
 micro-batches of 96 rows: 12 rows per GPU on 8 GPUs, nanoGPT's setting. On
-one GPU use --config.train.grad_accum_steps=40 (12 rows per micro-batch).
+one GPU raise --config.train.grad_accum_steps (below).
 Compute is bfloat16 with float32 parameters and optimizer state
-(model.dtype); add --config.model.attention_impl=cudnn on Ampere/Hopper GPUs
-for the fused attention kernel (no [len, len] matrix in memory), and
---config.train.loss_chunk=128 to make the 50,304-wide logits 128 positions
-at a time instead of all at once (same loss; frees room for larger
-micro-batches at ~10% more FLOPs; on several data-parallel devices it
-reduces the embedding gradient once per chunk, see train/objectives.py;
-not yet timed on a GPU).
+(model.dtype); the logits are written in bfloat16 and the loss upcasts them
+to float32, as under nanoGPT's autocast (model.float32_logits=False). Add
+--config.model.attention_impl=cudnn on Ampere/Hopper GPUs for the fused
+attention kernel (no [len, len] matrix in memory). On one H100 80GB,
+micro-batches of 64 rows ran fastest of 16, 32 and 64 (README: MFU 41.8%);
+--config.train.grad_accum_steps=8 makes the 480-row step 60-row
+micro-batches (not timed). --config.train.loss_chunk=128 makes
+the 50,304-wide logits 128 positions at a time instead of all at once: same
+loss and less memory, but on the H100 it was slower at both micro-batch
+sizes compared (16 and 32 rows: ~10% more FLOPs, and the scan's own cost;
+on several data-parallel devices it also reduces the embedding gradient once
+per chunk, see train/objectives.py); use it only where memory runs out.
 
 Data: `data.corpus='text'` reads data.files.train / data.files.val, one
 document per line, each followed by EOS, and tokenizes them in memory at
@@ -104,6 +109,7 @@ def get_config(arg: str | None = None):
   c.model.dropout_rate = 0.0
   c.model.dtype = 'bfloat16'
   c.model.param_dtype = 'float32'
+  c.model.float32_logits = False    # bf16 logits, f32 loss (autocast)
 
   c.train.batch_size = 480          # x 1024 tokens = 491,520 tokens per step
   c.train.grad_accum_steps = 5      # micro-batches of 96 rows: 12 per GPU on 8

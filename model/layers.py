@@ -208,9 +208,18 @@ class Embed(nn.Module):
     return nn.with_logical_constraint(x, ('batch', 'length', 'embed'))
 
   def attend(self, x: Array) -> Array:
-    """x [b, l, d] -> logits [b, l, v] = x @ E^T, accumulated in float32."""
-    emb = jnp.asarray(self.embedding, self.config.compute_dtype)
-    logits = matmul(x, emb.T, preferred_element_type=jnp.float32)
+    """x [b, l, d] -> logits [b, l, v] = x @ E^T, float32.
+
+    Accumulated in float32; written in float32 or, with float32_logits off,
+    rounded to the compute dtype first (see TransformerConfig).
+    """
+    dtype = self.config.compute_dtype
+    emb = jnp.asarray(self.embedding, dtype)
+    x = jnp.asarray(x, dtype)
+    if self.config.float32_logits:
+      logits = matmul(x, emb.T, preferred_element_type=jnp.float32)
+    else:
+      logits = matmul(x, emb.T).astype(jnp.float32)
     return nn.with_logical_constraint(logits, ('batch', 'length', 'vocab'))
 
 
