@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from model.config import TransformerConfig
-from model.layers import apply_rotary, bias_init, dropout, kernel_init, matmul
+from model.layers import (apply_rotary, bias_init, dropout, f32_out_einsum,
+                          kernel_init, matmul)
 
 Array = jax.Array
 _NEG = jnp.finfo(jnp.float32).min
@@ -106,8 +107,7 @@ def _mask_rows(mask: Array, lo: int, hi: int) -> Array:
 def _attend(query: Array, key: Array, value: Array, mask: Array | None,
             dropout_rate: float, dropout_rng: Array | None) -> Array:
   """Heads-major, queries already scaled: [b,h,q,k], [b,h,s,k] -> [b,h,q,k]."""
-  logits = jnp.einsum('bhqk,bhsk->bhqs', query, key,
-                      preferred_element_type=jnp.float32)
+  logits = f32_out_einsum('bhqk,bhsk->bhqs', query, key)
   if mask is not None:
     logits = jnp.where(mask, logits, _NEG)
   weights = jax.nn.softmax(logits, axis=-1)

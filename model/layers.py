@@ -39,40 +39,48 @@ def matmul(x: Array, kernel: Array, contract: int = 1, *,
   if jax.default_backend() == 'cpu':
     y = _cpu_matmul(x2, kernel2, preferred_element_type)
   elif (preferred_element_type is not None
-        and jnp.dtype(preferred_element_type) == jnp.float32
-        and x2.dtype == kernel2.dtype
-        and x2.dtype in (jnp.bfloat16, jnp.float16)):
-    y = _f32_out_matmul(x2, kernel2)
+        and jnp.dtype(preferred_element_type) == jnp.float32):
+    y = f32_out_einsum('nk,km->nm', x2, kernel2)
   else:
     y = jnp.matmul(x2, kernel2, preferred_element_type=preferred_element_type)
   return y.reshape(*lead, *out_shape)
 
 
-@jax.custom_vjp
-def _f32_out_matmul(x: Array, w: Array) -> Array:
-  """x [n, k] @ w [k, m] in bf16/f16 -> float32, with a bf16/f16 backward.
+def f32_out_einsum(spec: str, a: Array, b: Array) -> Array:
+  """`jnp.einsum(spec, a, b)` accumulated and returned in float32.
 
-  The forward accumulates and returns float32 (the LM logits feed a float32
-  softmax). Autodiff would hand the backward's two GEMMs that float32
-  cotangent and promote their bf16 operands to match: for GPT-2 small's
-  [tokens, 50,304] logits on an H100 those ran as TF32 GEMMs, 32 of 180 ms
-  a step. Casting the cotangent to the inputs' dtype first, as PyTorch's
-  autocast does, keeps them bf16 GEMMs (still accumulating in float32).
+  For bf16/f16 operands off CPU its backward runs in their dtype. Autodiff
+  would hand the backward's two GEMMs the float32 cotangent and promote the
+  bf16 operands to match: for GPT-2 small's [tokens, 50,304] logits on an
+  H100 those ran as TF32 GEMMs, 32 of 180 ms a step; attention's score
+  GEMMs did the same. Casting the cotangent to the operands' dtype first,
+  as PyTorch's autocast does, keeps them bf16 GEMMs (which still
+  accumulate in float32). On CPU, and for other dtypes, it is plain
+  autodiff.
   """
-  return jnp.matmul(x, w, preferred_element_type=jnp.float32)
+  if (jax.default_backend() != 'cpu' and a.dtype == b.dtype
+      and a.dtype in (jnp.bfloat16, jnp.float16)):
+    return _low_precision_backward_einsum(spec, a, b)
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def _f32_out_matmul_fwd(x, w):
-  return _f32_out_matmul(x, w), (x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _low_precision_backward_einsum(spec: str, a: Array, b: Array) -> Array:
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
 
 
-def _f32_out_matmul_bwd(residuals, g):
-  x, w = residuals
-  g = g.astype(x.dtype)
-  return jnp.matmul(g, w.T), jnp.matmul(x.T, g)
+def _low_precision_backward_einsum_fwd(spec, a, b):
+  return _low_precision_backward_einsum(spec, a, b), (a, b)
 
 
-_f32_out_matmul.defvjp(_f32_out_matmul_fwd, _f32_out_matmul_bwd)
+def _low_precision_backward_einsum_bwd(spec, residuals, g):
+  a, b = residuals
+  _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), a, b)
+  return vjp(g.astype(a.dtype))
+
+
+_low_precision_backward_einsum.defvjp(_low_precision_backward_einsum_fwd,
+                                      _low_precision_backward_einsum_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
