@@ -1,6 +1,7 @@
 """Properties of the network: causality, padding, packing, KV cache, sizes, sharding."""
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -185,7 +186,7 @@ def _dots(jaxpr):
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == 'dot_general':
       yield eqn
-    for sub in jax.core.jaxprs_in_params(eqn.params):
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
       yield from _dots(sub)
 
 

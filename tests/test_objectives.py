@@ -119,3 +119,35 @@ def test_cross_entropy_sums_match_their_definitions():
     g32 = jax.grad(plain)(logits.astype(jnp.bfloat16).astype(jnp.float32))
     assert (np.linalg.norm(np.asarray(g16, np.float32) - g32)
             / np.linalg.norm(g32)) < 1e-2
+
+
+def test_accuracy_ties_go_to_the_lowest_id_as_argmax():
+  # bf16 logits tie often at the row maximum; a tie must not count as a hit
+  # unless the label is the tie's lowest id (argmax's choice).
+  logits = jnp.zeros((1, 4, 6), jnp.bfloat16)
+  logits = logits.at[0, :, 2].set(1.0).at[0, :, 4].set(1.0)  # tie: ids 2, 4
+  targets = jnp.asarray([[2, 4, 1, 5]])
+  weights = jnp.asarray([[1.0, 10.0, 100.0, 1000.0]])  # which rows hit
+  sums = objectives.cross_entropy_sums(logits, targets, weights)
+  assert float(sums['correct']) == 1.0
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 5, 11)),
+                  jnp.float32)
+  m, i = objectives.max_and_argmax(x)
+  np.testing.assert_array_equal(m, jnp.max(x, -1))
+  np.testing.assert_array_equal(i, jnp.argmax(x, -1))
+
+
+def test_softmax_stats_gradient_reads_negative_ids_like_the_forward():
+  # take_along_axis reads id -1 as the last one; the backward's one-hot
+  # must put the label's gradient there too.
+  x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 9)), jnp.float32)
+  targets = jnp.asarray([-1, 3])
+
+  def label_sum(x):
+    row_max = jax.lax.stop_gradient(jnp.max(x, -1))
+    return jnp.sum(objectives.softmax_stats(x, targets, row_max)[1])
+
+  want = jax.grad(lambda x: jnp.sum(
+      jnp.take_along_axis(x, targets[:, None], -1)))(x)
+  np.testing.assert_allclose(jax.grad(label_sum)(x), want)
+  assert float(want[0, 8]) == 1.0

@@ -22,26 +22,54 @@ def target_weights(targets: Array) -> Array:
   return (targets > 0).astype(jnp.float32)
 
 
+def max_and_argmax(x: Array) -> tuple[Array, Array]:
+  """The maximum over the last axis and its first index, in one reduction.
+
+  jnp.max and jnp.argmax would each read all of x [..., v]; for the LM
+  logits that is a pass over [tokens, vocab] apiece.
+  """
+  ids = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+
+  def pick(a, b):
+    (a_val, a_id), (b_val, b_id) = a, b
+    take_a = (a_val > b_val) | ((a_val == b_val) & (a_id < b_id))
+    return jnp.where(take_a, a_val, b_val), jnp.where(take_a, a_id, b_id)
+
+  init = (jnp.array(-jnp.inf, x.dtype), jnp.array(0, jnp.int32))
+  return jax.lax.reduce((x, ids), init, pick, (x.ndim - 1,))
+
+
+def _label_ids(targets: Array, vocab: int) -> Array:
+  """Negative ids count from the end, as take_along_axis reads them."""
+  return jnp.where(targets < 0, targets + vocab, targets)
+
+
 @jax.custom_vjp
-def softmax_stats(logits: Array, targets: Array) -> tuple[Array, Array, Array]:
+def softmax_stats(logits: Array, targets: Array,
+                  row_max: Array) -> tuple[Array, Array, Array]:
   """What the losses need of logits [..., v]: log Z, the label's logit, sum.
 
   Returns float32 [...] each: log Z = logsumexp(logits), logits[target],
-  and the sum of the logits over the vocabulary. The backward is written out
-  as one element-wise expression, softmax * dlogZ + onehot * dlabel + dsum,
-  in the logits' own dtype. Autodiff of the same forward instead scattered
-  the label's cotangent into a zero [..., v] array and added it in separate
-  passes: for a 50k vocabulary these passes over [tokens, v] are much of a
-  GPU step's non-GEMM time (README, Throughput).
+  and the sum of the logits over the vocabulary. row_max [...] (float32,
+  not differentiated) is each row's maximum, the shift that keeps the
+  exponentials finite; the caller computes it with the accuracy's argmax.
+  The backward is written out as one element-wise pass, softmax * dlogZ +
+  onehot * dlabel + dsum, computed in float32 and returned in the logits'
+  dtype. Autodiff of the same forward instead scattered the label's
+  cotangent into a zero [..., v] array and added it in separate passes: for
+  a 50k vocabulary these passes over [tokens, v] are much of a GPU step's
+  non-GEMM time (README, Throughput). Reverse mode only (a custom VJP).
   """
   x = logits.astype(jnp.float32)
-  log_z = jax.nn.logsumexp(x, axis=-1)
-  label = jnp.take_along_axis(x, targets[..., None], axis=-1)[..., 0]
+  shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  log_z = jnp.log(jnp.sum(jnp.exp(x - shift[..., None]), axis=-1)) + shift
+  ids = _label_ids(targets, x.shape[-1])
+  label = jnp.take_along_axis(x, ids[..., None], axis=-1)[..., 0]
   return log_z, label, jnp.sum(x, axis=-1)
 
 
-def _softmax_stats_fwd(logits, targets):
-  stats = softmax_stats(logits, targets)
+def _softmax_stats_fwd(logits, targets, row_max):
+  stats = softmax_stats(logits, targets, row_max)
   return stats, (logits, targets, stats[0])
 
 
@@ -49,10 +77,12 @@ def _softmax_stats_bwd(residuals, cotangents):
   logits, targets, log_z = residuals
   d_log_z, d_label, d_sum = (c[..., None] for c in cotangents)
   x = logits.astype(jnp.float32)
-  onehot = jnp.arange(x.shape[-1]) == targets[..., None]
+  ids = _label_ids(targets, x.shape[-1])
+  onehot = jnp.arange(x.shape[-1]) == ids[..., None]
   dx = (jnp.exp(x - log_z[..., None]) * d_log_z
         + jnp.where(onehot, d_label, 0.0) + d_sum)
-  return dx.astype(logits.dtype), None
+  # log Z does not depend on the shift: row_max gets no cotangent.
+  return dx.astype(logits.dtype), None, None
 
 
 softmax_stats.defvjp(_softmax_stats_fwd, _softmax_stats_bwd)
@@ -69,13 +99,14 @@ def cross_entropy_sums(logits: Array, targets: Array, weights: Array, *,
   z-loss (PaLM): z_loss * log(Z)^2 keeps the softmax normaliser near 1.
 
   Returns `loss` (the optimised objective), `nll` (plain cross-entropy, for
-  perplexity), `correct` (tokens whose label has the largest logit; a tie
-  counts as a hit, where argmax would pick the lowest id) and `weight`
-  (token count), all sums. The whole [b, l, v] is read by two reductions
-  (the maximum and the sum of exponentials) and written once backward.
+  perplexity), `correct` (argmax hits; a tie goes to the lowest id) and
+  `weight` (token count), all sums. The whole [b, l, v] is read by two
+  reductions (maximum with argmax, then the sums) and written once backward.
   """
   vocab = logits.shape[-1]
-  log_z, label_logit, logit_sum = softmax_stats(logits, targets)
+  row_max, argmax = max_and_argmax(
+      jax.lax.stop_gradient(logits).astype(jnp.float32))
+  log_z, label_logit, logit_sum = softmax_stats(logits, targets, row_max)
   nll = log_z - label_logit
   if label_smoothing > 0.0:
     confidence = 1.0 - label_smoothing
@@ -92,9 +123,7 @@ def cross_entropy_sums(logits: Array, targets: Array, weights: Array, *,
     loss = nll
   if z_loss > 0.0:
     loss = loss + z_loss * jnp.square(log_z)
-  # The same maximum as logsumexp's, which XLA computes once for both.
-  row_max = jnp.max(jax.lax.stop_gradient(logits).astype(jnp.float32), -1)
-  correct = (label_logit >= row_max).astype(jnp.float32)
+  correct = (argmax == targets).astype(jnp.float32)
   return {
       'loss': jnp.sum(loss * weights),
       'nll': jnp.sum(nll * weights),
