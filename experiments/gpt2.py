@@ -36,7 +36,7 @@ Compute is bfloat16 with float32 parameters and optimizer state
 to float32, as under nanoGPT's autocast (model.float32_logits=False). Add
 --config.model.attention_impl=cudnn on Ampere/Hopper GPUs for the fused
 attention kernel (no [len, len] matrix in memory). On one H100 80GB,
-micro-batches of 64 rows ran fastest of 16, 32 and 64 (README: MFU 41.8%);
+micro-batches of 64 rows ran fastest of 16, 32 and 64 (README: MFU 42.1%);
 --config.train.grad_accum_steps=8 makes the 480-row step 60-row
 micro-batches (not timed). --config.train.loss_chunk=128 makes
 the 50,304-wide logits 128 positions at a time instead of all at once: same
