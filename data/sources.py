@@ -27,7 +27,7 @@ import pathlib
 import tempfile
 import urllib.error
 import urllib.request
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import BinaryIO, Iterable, Iterator, NamedTuple, Sequence
 
 from absl import logging
 
@@ -96,27 +96,41 @@ def _cache_root() -> pathlib.Path:
 # ---------------------------------------------------------------- reading
 
 
-def _read_bytes(path: PathLike) -> bytes:
-  path = pathlib.Path(path)
+def _open(path: pathlib.Path) -> BinaryIO:
+  """path (plain, or gzip if it ends in .gz) opened for reading bytes."""
   try:
-    if path.suffix == '.gz':
-      with gzip.open(path, 'rb') as f:
-        return f.read()
-    return path.read_bytes()
+    return gzip.open(path, 'rb') if path.suffix == '.gz' else open(path, 'rb')
   except FileNotFoundError:
     raise UserError(f'{path}: file not found; check the path '
                     '(or config.data.dir / $TRANSFLAX_DATA).') from None
-  except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError.
-    raise UserError(f'{path}: cannot read ({e}); replace the file.') from e
+  except OSError as e:
+    raise UserError(f'{path}: cannot read ({e}); check the path.') from e
+
+
+def _unreadable(path: PathLike, e: Exception) -> UserError:
+  # gzip.BadGzipFile is an OSError; a truncated gzip raises EOFError.
+  return UserError(f'{path}: cannot read ({e}); replace the file.')
+
+
+def _bad_utf8(path: PathLike, line: int, e: UnicodeDecodeError) -> UserError:
+  return UserError(f'{path}: invalid UTF-8 on line {line} ({e.reason}); '
+                   're-encode the file as UTF-8.')
+
+
+def _read_bytes(path: PathLike) -> bytes:
+  path = pathlib.Path(path)
+  with _open(path) as f:
+    try:
+      return f.read()
+    except (OSError, EOFError) as e:
+      raise _unreadable(path, e) from e
 
 
 def _decode(data: bytes, path: PathLike) -> str:
   try:
     return data.decode('utf-8')
   except UnicodeDecodeError as e:
-    line = data.count(b'\n', 0, e.start) + 1
-    raise UserError(f'{path}: invalid UTF-8 on line {line} ({e.reason}); '
-                    're-encode the file as UTF-8.') from None
+    raise _bad_utf8(path, data.count(b'\n', 0, e.start) + 1, e) from None
 
 
 def stream_lines(path: PathLike, *, keep_newlines: bool = False
@@ -128,25 +142,16 @@ def stream_lines(path: PathLike, *, keep_newlines: bool = False
   text. For files larger than memory; errors as `read_text`'s.
   """
   path = pathlib.Path(path)
-  try:
-    f = gzip.open(path, 'rb') if path.suffix == '.gz' else open(path, 'rb')
-  except FileNotFoundError:
-    raise UserError(f'{path}: file not found; check the path '
-                    '(or config.data.dir / $TRANSFLAX_DATA).') from None
-  except OSError as e:
-    raise UserError(f'{path}: cannot read ({e}); check the path.') from e
-  with f:
+  with _open(path) as f:
     try:
       for number, line in enumerate(f, 1):
         try:
           text = line.decode('utf-8')
         except UnicodeDecodeError as e:
-          raise UserError(f'{path}: invalid UTF-8 on line {number} '
-                          f'({e.reason}); re-encode the file as UTF-8.'
-                          ) from None
+          raise _bad_utf8(path, number, e) from None
         yield text if keep_newlines else text.removesuffix('\n')
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError.
-      raise UserError(f'{path}: cannot read ({e}); replace the file.') from e
+    except (OSError, EOFError) as e:
+      raise _unreadable(path, e) from e
 
 
 def write_atomic(path: PathLike, data: bytes) -> None:
