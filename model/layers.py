@@ -221,9 +221,7 @@ class Embed(nn.Module):
     Accumulated in float32; written in float32 or, with float32_logits off,
     rounded to the compute dtype first (see TransformerConfig).
     """
-    dtype = self.config.compute_dtype
-    emb = jnp.asarray(self.embedding, dtype)
-    x = jnp.asarray(x, dtype)
+    emb = jnp.asarray(self.embedding, self.config.compute_dtype)
     if self.config.float32_logits:
       logits = matmul(x, emb.T, preferred_element_type=jnp.float32)
     else:
