@@ -7,10 +7,12 @@ import re
 import shutil
 
 import jax
+import ml_collections
 import pytest
 
 import tiny_run
-from train import partitioning
+from data.errors import UserError
+from train import partitioning, tasks
 
 REPO = tiny_run.REPO
 
@@ -58,6 +60,16 @@ def test_unknown_config_key_is_one_line_exit_2(experiment, tmp_path, override,
                         str(tmp_path / 'w'), override)
   assert_user_error(result, 'unknown config key', named)
   assert not (tmp_path / 'w').exists()
+
+
+def test_cudnn_attention_off_gpu_is_a_user_error():
+  """attention_impl=cudnn on a CPU host names the fix instead of failing
+  inside the first trace with cuDNN's RuntimeError."""
+  config = ml_collections.ConfigDict({'model': {'vocab_size': 0}})
+  assert tasks.model_config(config, 40).attention_impl == 'xla'
+  config.model.attention_impl = 'cudnn'
+  with pytest.raises(UserError, match='attention_impl=xla'):
+    tasks.model_config(config, 40)
 
 
 def test_missing_workdir_or_config_exit_2(experiment, tmp_path):

@@ -36,9 +36,14 @@ def model_config(config, vocab_size: int) -> TransformerConfig:
                     f'the tokenizer\'s {vocab_size}; set model.vocab_size=0 '
                     f'to use the tokenizer\'s size')
   try:
-    return config_from_dict(fields)
+    cfg = config_from_dict(fields)
   except ValueError as e:
     raise UserError(f'model: {e}') from None
+  if cfg.attention_impl == 'cudnn' and jax.default_backend() != 'gpu':
+    raise UserError(f'model.attention_impl=cudnn needs an NVIDIA GPU with '
+                    f'cuDNN, and JAX runs on {jax.default_backend()!r} here; '
+                    f'give --config.model.attention_impl=xla')
+  return cfg
 
 
 def split_files(data_config, split: str, form: str) -> list[str]:
