@@ -12,7 +12,7 @@ import pytest
 
 import tiny_run
 from data.errors import UserError
-from train import partitioning, tasks
+from train import cli, partitioning, tasks
 
 REPO = tiny_run.REPO
 
@@ -70,6 +70,16 @@ def test_cudnn_attention_off_gpu_is_a_user_error():
   config.model.attention_impl = 'cudnn'
   with pytest.raises(UserError, match='attention_impl=xla'):
     tasks.model_config(config, 40)
+
+
+def test_cudnn_trained_workdir_loads_with_xla_attention_off_gpu(tmp_path):
+  """translate/generate/eval of a workdir trained with cuDNN attention on
+  GPUs use XLA's (same math) on a CPU host, where the user cannot override."""
+  (tmp_path / 'config.json').write_text(json.dumps(
+      {'model': {'attention_impl': 'cudnn', 'num_heads': 2}}))
+  config = cli.load_workdir_config(str(tmp_path))
+  assert config.model.attention_impl == 'xla'
+  assert config.model.num_heads == 2
 
 
 def test_missing_workdir_or_config_exit_2(experiment, tmp_path):

@@ -57,14 +57,23 @@ def _require(name: str) -> str:
 
 
 def load_workdir_config(workdir: str):
-  """The resolved config.json a training run wrote into `workdir`."""
-  import ml_collections
+  """The resolved config.json a training run wrote into `workdir` (with
+  cuDNN attention swapped for XLA's off a GPU)."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise UserError(f'{path} not found: --workdir must be a directory that '
                     f'`transflax train` has written to')
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(json.load(f))
+  model = config.get('model')
+  if (model is not None and model.get('attention_impl') == 'cudnn'
+      and jax.default_backend() != 'gpu'):
+    # The same attention through XLA: a run trained with cuDNN's kernel on
+    # GPUs still translates, samples and evaluates on any host.
+    logging.info('model.attention_impl: cudnn -> xla on %s',
+                 jax.default_backend())
+    model.attention_impl = 'xla'
+  return config
 
 
 def _cmd_train() -> None:
