@@ -79,6 +79,17 @@ def test_roundtrip_with_data_state_and_meta(tmp_path, mesh8):
   assert (tmp_path / 'checkpoints' / '5').is_dir()
 
 
+def test_a_relative_workdir_saves_and_restores(tmp_path, mesh8, monkeypatch):
+  """`--workdir runs/x` as README writes it: Orbax takes absolute paths only."""
+  monkeypatch.chdir(tmp_path)
+  state = make_state(mesh8, seed=2)
+  with ckpt_lib.Checkpointer('runs/x') as ckpt:
+    ckpt.save(3, state, data_state=None, meta={})
+    ckpt.wait()
+    assert ckpt.restore(abstract(state, mesh8))[0] == 3
+  assert (tmp_path / 'runs' / 'x' / 'checkpoints' / '3').is_dir()
+
+
 def test_keep_last_k_plus_best(tmp_path, mesh8):
   state = make_state(mesh8)
   losses = {1: 3.0, 2: 1.0, 3: 2.5, 4: None, 5: 2.0, 6: None}  # Best: step 2.

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -87,7 +88,8 @@ class Checkpointer:
       raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
     if keep is not None and keep < 1:
       raise ValueError(f'keep must be >= 1 or None (keep all), got {keep}')
-    self.directory = epath.Path(workdir) / subdir
+    # Orbax's array writer takes absolute paths only; --workdir may be relative.
+    self.directory = epath.Path(os.path.abspath(os.fspath(workdir))) / subdir
     self.best_metric = best_metric
     self.read_only = read_only
     self._bad: set[int] = set()  # Damaged steps seen but not moved away.
