@@ -1,8 +1,8 @@
 """Grain pipelines: token ids in, fixed-shape int32 numpy batches out.
 
 Batch contract (the model and train step depend on it exactly; every array is
-numpy int32 of shape [batch, length]; token 0 is padding and loss weights are
-`targets != 0`):
+numpy int32 of shape [batch, length]; padding is marked by segment ids 0 and
+the loss by `loss_mask`, never inferred from a token id):
 
   translation  inputs, targets            token ids; targets end with EOS (the
                                           model shifts them right itself)
@@ -11,11 +11,13 @@ numpy int32 of shape [batch, length]; token 0 is padding and loss weights are
                                           same segment id on both sides
                inputs_position,           0, 1, ... restarting for each packed
                targets_position           example, 0 on padding
+               loss_mask                  1 on every target token, 0 on padding
   LM           inputs, targets            block i of the token stream is
                                           stream[i*L : i*L + L + 1]; inputs are
                                           its first L tokens, targets its last L
                inputs_segmentation        1 on real tokens, 0 on padding
                inputs_position            0 .. L-1
+               loss_mask                  1 on real targets, 0 on padding
 
 Training datasets are infinite Grain `IterDataset`s: epochs repeat, each one
 reshuffled deterministically from the seed; `iter(ds).get_state()` is a JSON
@@ -46,8 +48,10 @@ import numpy as np
 from data.errors import UserError
 
 TRANSLATION_KEYS = ('inputs', 'targets', 'inputs_segmentation',
-                    'targets_segmentation', 'inputs_position', 'targets_position')
-LM_KEYS = ('inputs', 'targets', 'inputs_segmentation', 'inputs_position')
+                    'targets_segmentation', 'inputs_position', 'targets_position',
+                    'loss_mask')
+LM_KEYS = ('inputs', 'targets', 'inputs_segmentation', 'inputs_position',
+           'loss_mask')
 # Everything is in memory already, or memory-mapped (data/tokens.py) and read
 # a block per row: reader threads would only contend for the GIL (grain's own
 # advice for in-memory sources). Worker processes (mp_prefetch) would pickle
@@ -102,8 +106,15 @@ class _Ragged:
     self.offsets = np.concatenate([[0], np.cumsum(self.lengths)])
     self.data = np.fromiter(itertools.chain.from_iterable(rows), np.int32, self.offsets[-1])
 
+  def ones_like(self) -> '_Ragged':
+    """Rows of 1s with this one's lengths (a loss mask covering every token)."""
+    ones = _Ragged([])
+    ones.lengths, ones.offsets = self.lengths, self.offsets
+    ones.data = np.ones_like(self.data)
+    return ones
 
-def _row(ids: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+
+def pad_row(ids: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """One example in its own row: (ids, segmentation, position), each [length]."""
   n = len(ids)
   padded = np.zeros((3, length), np.int32)
@@ -118,8 +129,8 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
-class _PackedTranslation(grain.IterDataset):
-  """Endless translation batches from shuffled examples, first-fit packed.
+class _Packed(grain.IterDataset):
+  """Endless batches from shuffled examples, first-fit packed.
 
   This is the algorithm of grain's FirstFitPackIterDataset (`batch_size` bins,
   no bin shuffling; tests check the two agree), done a batch at a time: grain's
@@ -127,22 +138,30 @@ class _PackedTranslation(grain.IterDataset):
   core, this does ~1900. Examples are drawn in `epoch_order` over
   an endless stream; the iterator state is the stream position of the first
   example not yet in a batch.
+
+  `sides`: (side, {key: _Ragged}) pairs. An example fits a row when it fits
+  on every side; the keys of one side share its layout and its
+  `<side>_segmentation` and `<side>_position` arrays (translation: sides
+  inputs and targets, the loss mask on the targets side; SFT: one side
+  holding inputs, targets and loss_mask).
   """
 
-  def __init__(self, inputs: _Ragged, targets: _Ragged, examples: np.ndarray, *,
-               batch_size: int, max_length: int, seed: int, pack: bool):
+  def __init__(self, sides: Sequence[tuple[str, dict[str, _Ragged]]],
+               examples: np.ndarray, *, batch_size: int, max_length: int,
+               seed: int, pack: bool):
     super().__init__()
-    self.inputs, self.targets, self.examples = inputs, targets, examples
+    self.sides, self.examples = sides, examples
+    self.lengths = [next(iter(fields.values())).lengths for _, fields in sides]
     self.batch_size, self.max_length, self.seed, self.pack = batch_size, max_length, seed, pack
 
   def __iter__(self):
-    return _PackedTranslationIterator(self)
+    return _PackedIterator(self)
 
 
-class _PackedTranslationIterator(grain.DatasetIterator):
-  """Iterator of `_PackedTranslation`; state {'next_example': stream position}."""
+class _PackedIterator(grain.DatasetIterator):
+  """Iterator of `_Packed`; state {'next_example': stream position}."""
 
-  def __init__(self, ds: _PackedTranslation):
+  def __init__(self, ds: _Packed):
     super().__init__()
     self._ds = ds
     self._next = 0
@@ -164,40 +183,45 @@ class _PackedTranslationIterator(grain.DatasetIterator):
   def __next__(self) -> dict[str, np.ndarray]:
     ds = self._ds
     rows, length = ds.batch_size, ds.max_length
-    used_in, used_tg, count = [0] * rows, [0] * rows, [0] * rows
-    placed = []  # (example, row, offset in inputs, offset in targets, segment)
+    used = [[0] * rows for _ in ds.sides]
+    count = [0] * rows
+    placed = []  # (example, row, segment, offset on each side)
     while True:
       ex = self._example(self._next)
-      n_in, n_tg = int(ds.inputs.lengths[ex]), int(ds.targets.lengths[ex])
-      for row in range(rows):  # First fit: the first row with room on both sides.
-        if (used_in[row] + n_in <= length and used_tg[row] + n_tg <= length
+      n = [int(lengths[ex]) for lengths in ds.lengths]
+      for row in range(rows):  # First fit: the first row with room on every side.
+        if (all(u[row] + k <= length for u, k in zip(used, n))
             and (ds.pack or not count[row])):
           break
       else:
         break  # Fits nowhere: the batch is full; this example starts the next.
       count[row] += 1
-      placed.append((ex, row, used_in[row], used_tg[row], count[row]))
-      used_in[row] += n_in
-      used_tg[row] += n_tg
+      placed.append((ex, row, count[row], *(u[row] for u in used)))
+      for u, k in zip(used, n):
+        u[row] += k
       self._next += 1
-    ex, row, off_in, off_tg, seg = (np.array(c, np.int64) for c in zip(*placed))
+    ex, row, seg, *offsets = (np.array(c, np.int64) for c in zip(*placed))
     batch = {}
-    for side, ragged, offset in (('inputs', ds.inputs, off_in), ('targets', ds.targets, off_tg)):
-      batch.update(_scatter(side, ragged, ex, row, offset, seg, (rows, length)))
+    for (side, fields), offset in zip(ds.sides, offsets):
+      batch.update(_scatter(side, fields, ex, row, offset, seg, (rows, length)))
     return batch
 
 
-def _scatter(side, ragged, ex, row, offset, seg, shape) -> dict[str, np.ndarray]:
-  """Writes examples `ex` of `ragged` at (row, offset) with segment ids `seg`, vectorised."""
-  n = ragged.lengths[ex]
+def _scatter(side, fields, ex, row, offset, seg, shape) -> dict[str, np.ndarray]:
+  """Writes examples `ex` of each field (ragged, one layout) at (row, offset)
+  with segment ids `seg`, vectorised."""
+  n = next(iter(fields.values())).lengths[ex]
   starts = np.repeat(np.cumsum(n) - n, n)
   position = np.arange(starts.size) - starts  # 0.. within each example
   dst = (np.repeat(row, n), np.repeat(offset, n) + position)
-  out = {k: np.zeros(shape, np.int32) for k in ('', '_segmentation', '_position')}
-  out[''][dst] = ragged.data[np.repeat(ragged.offsets[ex], n) + position]
-  out['_segmentation'][dst] = np.repeat(seg, n)
-  out['_position'][dst] = position
-  return {side + k: v for k, v in out.items()}
+  out = {f'{side}_segmentation': np.zeros(shape, np.int32),
+         f'{side}_position': np.zeros(shape, np.int32)}
+  out[f'{side}_segmentation'][dst] = np.repeat(seg, n)
+  out[f'{side}_position'][dst] = position
+  for key, ragged in fields.items():
+    out[key] = np.zeros(shape, np.int32)
+    out[key][dst] = ragged.data[np.repeat(ragged.offsets[ex], n) + position]
+  return out
 
 
 def translation_train(pairs_ids: Sequence[tuple[Sequence[int], Sequence[int]]], *,
@@ -236,8 +260,11 @@ def translation_train(pairs_ids: Sequence[tuple[Sequence[int], Sequence[int]]], 
     raise UserError(f'No training pairs for shard {shard_index} of {shard_count}: '
                     f'{len(keep)} of {len(pairs_ids)} pairs fit max_length={max_length}; '
                     'raise max_length or check the corpus.')
-  ds = _PackedTranslation(inputs, targets, shard, batch_size=batch_size,
-                          max_length=max_length, seed=seed, pack=pack)
+  # The loss covers every target token: a field of ones on the targets side.
+  ds = _Packed([('inputs', {'inputs': inputs}),
+                ('targets', {'targets': targets, 'loss_mask': targets.ones_like()})],
+               shard, batch_size=batch_size, max_length=max_length, seed=seed,
+               pack=pack)
   return TrainDataset(ds, num_examples=len(shard), num_dropped=dropped)
 
 
@@ -261,8 +288,9 @@ class _Block(grain.transforms.MapWithIndex):
     offset = _epoch_offset(self._seed, index // self._per_epoch, self._len)
     start = min(i * self._len + offset, len(self._tokens) - 1 - self._len)
     block = self._tokens[start:start + self._len + 1].astype(np.int32)
+    ones = np.ones(self._len, np.int32)
     return {'inputs': block[:-1], 'targets': block[1:],
-            'inputs_segmentation': np.ones(self._len, np.int32),
+            'inputs_segmentation': ones, 'loss_mask': ones,
             'inputs_position': np.arange(self._len, dtype=np.int32)}
 
 
@@ -332,10 +360,13 @@ class EvalBatches:
   """
 
   def __init__(self, make_row, num_examples: int, length: int, keys: Sequence[str], *,
-               batch_size: int, shard_index: int, shard_count: int, num_truncated: int = 0):
+               batch_size: int, shard_index: int, shard_count: int, num_truncated: int = 0,
+               row_shapes: dict[str, tuple[int, ...]] | None = None):
+    """row_shapes: each key's shape within a row (default [length])."""
     _check(batch_size=batch_size)
     _check_shard(shard_index, shard_count)
     self._make_row, self._keys = make_row, tuple(keys)
+    self._shapes = {k: (row_shapes or {}).get(k, (length,)) for k in self._keys}
     self._batch_size, self._shard_index, self._shard_count = batch_size, shard_index, shard_count
     self.num_examples, self.length, self.num_truncated = num_examples, length, num_truncated
 
@@ -349,7 +380,7 @@ class EvalBatches:
     return np.where(index < self.num_examples, index, -1).astype(np.int32)
 
   def batch(self, b: int) -> dict[str, np.ndarray]:
-    out = {k: np.zeros((self._batch_size, self.length), np.int32) for k in self._keys}
+    out = {k: np.zeros((self._batch_size, *self._shapes[k]), np.int32) for k in self._keys}
     for r, i in enumerate(self.example_index(b)):
       if i >= 0:
         for k, v in self._make_row(int(i)).items():
@@ -388,7 +419,8 @@ def translation_eval_batches(pairs_ids: Sequence[tuple[Sequence[int], Sequence[i
     out = {}
     for side, ids in zip(('inputs', 'targets'), pairs_ids[i]):
       ids = np.asarray(ids, np.int32)[:length]
-      out[side], out[f'{side}_segmentation'], out[f'{side}_position'] = _row(ids, length)
+      out[side], out[f'{side}_segmentation'], out[f'{side}_position'] = pad_row(ids, length)
+    out['loss_mask'] = out['targets_segmentation']
     return out
 
   return EvalBatches(make_row, len(pairs_ids), length, TRANSLATION_KEYS, batch_size=batch_size,
@@ -408,11 +440,111 @@ def lm_eval_batches(tokens: np.ndarray, *, batch_size: int, seq_len: int,
   def make_row(i):
     block = tokens[i * seq_len:i * seq_len + seq_len + 1]
     n = len(block) - 1
-    inputs, segmentation, position = _row(block[:-1], seq_len)
+    inputs, segmentation, position = pad_row(block[:-1], seq_len)
     targets = np.zeros(seq_len, np.int32)
     targets[:n] = block[1:]
-    return {'inputs': inputs, 'targets': targets,
+    loss_mask = np.zeros(seq_len, np.int32)
+    loss_mask[:n] = 1
+    return {'inputs': inputs, 'targets': targets, 'loss_mask': loss_mask,
             'inputs_segmentation': segmentation, 'inputs_position': position}
 
   return EvalBatches(make_row, num_blocks, seq_len, LM_KEYS, batch_size=batch_size,
                      shard_index=shard_index, shard_count=shard_count)
+
+
+# -- conversations and preferences ------------------------------------------------
+
+SEQUENCE_KEYS = ('inputs', 'targets', 'loss_mask', 'inputs_segmentation',
+                 'inputs_position')
+
+
+def fit_length(examples: Sequence[dict], max_length: int, what: str
+               ) -> tuple[list[dict], int]:
+  """(examples whose 'inputs' fit max_length, how many did not). Longer
+  ones are dropped whole and counted in the log, never truncated: a cut
+  conversation would teach a reply without its end."""
+  kept = [e for e in examples if len(e['inputs']) <= max_length]
+  dropped = len(examples) - len(kept)
+  if dropped:
+    logging.warning('%s: dropped %d of %d longer than max_length=%d tokens',
+                    what, dropped, len(examples), max_length)
+  return kept, dropped
+
+
+def sequence_train(examples: Sequence[dict], *, batch_size: int,
+                   max_length: int, seed: int, pack: bool = True,
+                   shard_index: int = 0, shard_count: int = 1) -> TrainDataset:
+  """Infinite, shuffled, packed rows of token sequences with a loss mask.
+
+  examples: dicts of equally long int sequences 'inputs', 'targets',
+  'loss_mask' (SFT: a rendered conversation and its next tokens), each at
+  most max_length (see `fit_length`). Batches: SEQUENCE_KEYS [batch_size,
+  max_length]; packed examples are segments 1, 2, ... of a row, positions
+  restart at 0, padding is 0 everywhere.
+  """
+  _check(batch_size=batch_size, max_length=max_length)
+  _check_shard(shard_index, shard_count)
+  _check_seed(seed)
+  if any(len(e['inputs']) > max_length for e in examples):
+    raise ValueError('sequence_train: examples longer than max_length; '
+                     'drop them first (fit_length)')
+  fields = {k: _Ragged([e[k] for e in examples])
+            for k in ('inputs', 'targets', 'loss_mask')}
+  shard = np.arange(len(examples))[shard_index::shard_count]
+  if not len(shard):
+    raise UserError(f'No training examples for shard {shard_index} of '
+                    f'{shard_count} ({len(examples)} in all).')
+  ds = _Packed([('inputs', fields)], shard, batch_size=batch_size,
+               max_length=max_length, seed=seed, pack=pack)
+  return TrainDataset(ds, num_examples=len(shard), num_dropped=0)
+
+
+def sequence_eval_batches(examples: Sequence[dict], *, batch_size: int,
+                          max_length: int, shard_index: int = 0,
+                          shard_count: int = 1) -> EvalBatches:
+  """Every example once, in order, one per row (SEQUENCE_KEYS)."""
+
+  def make_row(i):
+    e = examples[i]
+    ids, seg, pos = pad_row(np.asarray(e['inputs'], np.int32), max_length)
+    return {'inputs': ids, 'inputs_segmentation': seg, 'inputs_position': pos,
+            'targets': pad_row(np.asarray(e['targets'], np.int32), max_length)[0],
+            'loss_mask': pad_row(np.asarray(e['loss_mask'], np.int32),
+                              max_length)[0]}
+
+  return EvalBatches(make_row, len(examples), max_length, SEQUENCE_KEYS,
+                     batch_size=batch_size, shard_index=shard_index,
+                     shard_count=shard_count)
+
+
+def examples_train(rows: Sequence[dict[str, np.ndarray]], *, batch_size: int,
+                   seed: int, shard_index: int = 0,
+                   shard_count: int = 1) -> TrainDataset:
+  """Infinite batches of fixed-shape examples, reshuffled every epoch.
+
+  rows: dicts of int32 arrays, the same shapes in every row (a ranking's K
+  responses [K, length], a chosen/rejected pair [2, length]); a batch
+  stacks batch_size of them.
+  """
+  _check(batch_size=batch_size)
+  _check_shard(shard_index, shard_count)
+  _check_seed(seed)
+  examples = grain.MapDataset.source(list(rows))[shard_index::shard_count]
+  if not len(examples):
+    raise UserError(f'No training examples for shard {shard_index} of '
+                    f'{shard_count} ({len(rows)} in all).')
+  ds = (examples.shuffle(seed=seed).repeat()
+        .batch(batch_size, drop_remainder=True).to_iter_dataset(_READ))
+  return TrainDataset(ds, num_examples=len(examples), num_dropped=0)
+
+
+def examples_eval_batches(rows: Sequence[dict[str, np.ndarray]], *,
+                          batch_size: int, shard_index: int = 0,
+                          shard_count: int = 1) -> EvalBatches:
+  """Every fixed-shape example once, in order; padding rows are all 0."""
+  if not rows:
+    raise UserError('no evaluation examples')
+  shapes = {k: v.shape for k, v in rows[0].items()}
+  return EvalBatches(lambda i: rows[i], len(rows), 0, tuple(shapes),
+                     batch_size=batch_size, shard_index=shard_index,
+                     shard_count=shard_count, row_shapes=shapes)

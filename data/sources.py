@@ -154,6 +154,17 @@ def stream_lines(path: PathLike, *, keep_newlines: bool = False
       raise _unreadable(path, e) from e
 
 
+def hash_split(key: str, percents: dict[str, tuple[int, int]]) -> str:
+  """The split of an item by a hash of its key: `percents` maps each split
+  to its [low, high) share of 100 buckets. Stable across runs, machines and
+  corpus order, so held-out items stay held out."""
+  bucket = int(hashlib.sha256(key.encode()).hexdigest(), 16) % 100
+  for split, (low, high) in percents.items():
+    if low <= bucket < high:
+      return split
+  raise ValueError(f'bucket {bucket} is in no split of {percents}')
+
+
 def write_atomic(path: PathLike, data: bytes) -> None:
   """Writes `data` to `path` via a temporary file and a rename, so that a
   crash or a concurrent host never sees half a file; readable by all (0644)."""

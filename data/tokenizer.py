@@ -128,6 +128,12 @@ class Tokenizer(_Base):
   def _encode(self, texts, add_eos):
     return self._sp.encode(texts, out_type=int, add_eos=add_eos)
 
+  def piece_id(self, piece: str) -> int | None:
+    """The id of a reserved control piece (`train_tokenizer(control_symbols=)`),
+    or None if the tokenizer has no such control piece."""
+    i = self._sp.piece_to_id(piece)
+    return i if i != self._sp.unk_id() and self._sp.is_control(i) else None
+
   def _decode(self, ids):
     bad = [i for i in ids if not 0 <= i < self.vocab_size]
     if not bad:
@@ -181,6 +187,10 @@ class CharTokenizer(_Base):
           'CharTokenizer.from_text over all text it must encode.') from None
     return [r + [EOS_ID] for r in rows] if add_eos else rows
 
+  def piece_id(self, piece: str) -> None:
+    """Character tokenizers reserve no control pieces."""
+    return None
+
   def _decode(self, ids):
     return ''.join(
         self.chars[i - NUM_SPECIAL] if NUM_SPECIAL <= i < self.vocab_size
@@ -213,6 +223,7 @@ def _sentences(files_or_texts) -> Iterable[str]:
 def train_tokenizer(files_or_texts, *, vocab_size: int,
                     model_type: str = 'unigram', character_coverage: float = 1.0,
                     max_sentences: int = 0,
+                    control_symbols: Sequence[str] = (),
                     path: str | os.PathLike | None = None) -> Tokenizer:
   """Trains a SentencePiece tokenizer; deterministic for the same inputs and options.
 
@@ -230,6 +241,9 @@ def train_tokenizer(files_or_texts, *, vocab_size: int,
     max_sentences: train on a seeded uniform sample of this many sentences
       (0: all). WMT-sized corpora need it: SentencePiece holds every training
       sentence in memory.
+    control_symbols: pieces reserved after the 4 specials (ids 4, 5, ...)
+      that encoding text never produces, e.g. a chat template's turn
+      markers (data/chat.py); `piece_id` finds them.
     path: if given, the model is also saved there.
   """
   if model_type not in ('unigram', 'bpe', 'char'):
@@ -252,6 +266,8 @@ def train_tokenizer(files_or_texts, *, vocab_size: int,
         normalization_rule_name='identity', remove_extra_whitespaces=False,
         byte_fallback=True,
         pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=BOS_ID,
+        **({'control_symbols': list(control_symbols)} if control_symbols
+           else {}),
         # Determinism: one thread, every sentence, in input order.
         num_threads=1, input_sentence_size=0, shuffle_input_sentence=False,
         max_sentence_length=1 << 16,
