@@ -8,10 +8,11 @@
 from model.config import (TransformerConfig, config_from_dict, get_preset,
                           preset_names)
 from model.transformer import (Decoder, DecoderLM, Encoder, EncoderDecoder,
-                               init_cache, shift_right)
+                               MaskedLM, init_cache, shift_right)
+from model.heads import ScalarHead, ScalarLM
 
 __all__ = [
     'TransformerConfig', 'config_from_dict', 'get_preset', 'preset_names',
-    'Encoder', 'Decoder', 'EncoderDecoder', 'DecoderLM', 'init_cache',
-    'shift_right',
+    'Encoder', 'Decoder', 'EncoderDecoder', 'DecoderLM', 'MaskedLM',
+    'ScalarHead', 'ScalarLM', 'init_cache', 'shift_right',
 ]

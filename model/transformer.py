@@ -2,11 +2,12 @@
 
 Shape legend: b batch, s source length, t target length, d d_model, v vocab.
 
-Token id 0 is padding. Packed rows carry segment ids (1, 2, ... per example,
-0 on padding) and positions restarting at 0 per example; attention never
-crosses a segment. The decoder shifts its targets right inside the model
-(start token 0, also at every packed segment start), so a batch holds the
-targets as they are scored.
+Padding is data, never inferred from a token id: rows carry segment ids (1,
+2, ... per packed example, 0 on padding) and positions restarting at 0 per
+example; attention never crosses a segment, and a model called without
+segment ids treats every position as real. The decoder shifts its targets
+right inside the model (start token 0, also at every packed segment start),
+so a batch holds the targets as they are scored.
 
 Decode mode (`config.decode=True`): initialise the cache with `init_cache`,
 then call `decode` (EncoderDecoder) or `__call__` (DecoderLM) with one token
@@ -117,10 +118,10 @@ class Encoder(nn.Module):
                positions: Array | None = None) -> Array:
     cfg = self.config
     positions = _default_positions(inputs) if positions is None else positions
-    valid = inputs > 0
-    mask = padding_mask(valid, valid)
-    if segments is not None:
-      mask = mask & segment_mask(segments, segments)
+    mask = None
+    if segments is not None:  # padding (segment 0) is a segment of its own
+      mask = padding_mask(segments > 0, segments > 0) & segment_mask(
+          segments, segments)
     x = _embed(cfg, self.embed, inputs, positions, 'encoder')
     layer = _maybe_remat(EncoderLayer, cfg)
     for i in range(cfg.num_encoder_layers):
@@ -219,21 +220,24 @@ class EncoderDecoder(nn.Module):
     """inputs [b, s] -> encoded [b, s, d]."""
     return self.encoder(inputs, inputs_segmentation, inputs_position)
 
-  def decode(self, encoded: Array, inputs: Array, targets: Array,
-             inputs_segmentation: Array | None = None,
+  def decode(self, encoded: Array, inputs_segmentation: Array, targets: Array,
              targets_segmentation: Array | None = None,
              targets_position: Array | None = None) -> Array:
     """-> logits [b, t, v] (float32).
 
-    Training/eval: `targets` [b, t] as scored (shifted right here). Decode
-    mode: `targets` [b, 1] is the previous output token (0 at the first step).
+    inputs_segmentation [b, s]: the source's segment ids, 0 on padding (an
+    unpacked row: 1 on its tokens). Training/eval: `targets` [b, t] as
+    scored (shifted right here). Decode mode: `targets` [b, 1] is the
+    previous output token (0 at the first step).
     """
+    encoded_valid = inputs_segmentation > 0
     if self.config.decode:
-      return self.decoder(targets, encoded=encoded, encoded_valid=inputs > 0)
+      return self.decoder(targets, encoded=encoded, encoded_valid=encoded_valid)
+    valid = None if targets_segmentation is None else targets_segmentation > 0
     return self.decoder(
-        shift_right(targets, targets_segmentation), valid=targets > 0,
+        shift_right(targets, targets_segmentation), valid=valid,
         segments=targets_segmentation, positions=targets_position,
-        encoded=encoded, encoded_valid=inputs > 0,
+        encoded=encoded, encoded_valid=encoded_valid,
         encoded_segments=inputs_segmentation)
 
   def __call__(self, inputs: Array, targets: Array,
@@ -242,7 +246,9 @@ class EncoderDecoder(nn.Module):
                inputs_position: Array | None = None,
                targets_position: Array | None = None) -> Array:
     encoded = self.encode(inputs, inputs_segmentation, inputs_position)
-    return self.decode(encoded, inputs, targets, inputs_segmentation,
+    if inputs_segmentation is None:
+      inputs_segmentation = jnp.ones(inputs.shape, jnp.int32)
+    return self.decode(encoded, inputs_segmentation, targets,
                        targets_segmentation, targets_position)
 
 
@@ -277,6 +283,21 @@ class DecoderLM(nn.Module):
     if not self.config.tie_output:
       raise ValueError('DecoderLM.logits needs model.tie_output=True')
     return self.embed.attend(hidden)
+
+
+class MaskedLM(nn.Module):
+  """The Encoder as BERT pretrains it: logits [b, l, v] for every position,
+  through the token embedding (tied output), from tokens [b, l] some of
+  which the objective has masked (train/tasks/mlm.py)."""
+  config: TransformerConfig
+
+  def setup(self):
+    self.embed = Embed(self.config, name='embedding')
+    self.encoder = Encoder(self.config, embed=self.embed)
+
+  def __call__(self, tokens: Array, segment_ids: Array | None = None,
+               positions: Array | None = None) -> Array:
+    return self.embed.attend(self.encoder(tokens, segment_ids, positions))
 
 
 def init_cache(model: nn.Module, batch_size: int, max_decode_len: int,

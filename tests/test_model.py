@@ -59,6 +59,7 @@ def test_lm_is_causal(overrides):
 
 
 def test_encoder_ignores_padding():
+  """Padding is what the segment ids say (0), whatever tokens it holds."""
   rng = np.random.default_rng(2)
   cfg = get_preset('tiny_encdec')
   m = EncoderDecoder(cfg)
@@ -66,9 +67,13 @@ def test_encoder_ignores_padding():
   v = _init(m, src, _tokens(rng, (2, 5)))
   enc = m.apply(v, src, method=EncoderDecoder.encode)
   for pad in (1, 7):
-    padded = jnp.pad(src, ((0, 0), (0, pad)))
-    enc_p = m.apply(v, padded, method=EncoderDecoder.encode)
+    padded = jnp.pad(src, ((0, 0), (0, pad)), constant_values=9)
+    seg = jnp.pad(jnp.ones_like(src), ((0, 0), (0, pad)))
+    enc_p = m.apply(v, padded, seg, method=EncoderDecoder.encode)
     np.testing.assert_allclose(enc_p[:, :6], enc, rtol=1e-5, atol=1e-5)
+    # Without segment ids nothing is padding: the extra tokens count.
+    unmarked = m.apply(v, padded, method=EncoderDecoder.encode)
+    assert not np.allclose(unmarked[:, :6], enc, rtol=1e-3, atol=1e-3)
 
 
 def _pack(a, b, length):
@@ -229,18 +234,19 @@ def test_encdec_cached_decode_matches_full(overrides):
   rng = np.random.default_rng(5)
   cfg = get_preset('tiny_encdec', **overrides)
   src = _tokens(rng, (2, 7)).at[1, 5:].set(0)  # one padded source
+  src_seg = jnp.ones_like(src).at[1, 5:].set(0)
   tgt = _tokens(rng, (2, 8))
   m = EncoderDecoder(cfg)
   v = _init(m, src, tgt)
-  full = m.apply(v, src, tgt)
+  full = m.apply(v, src, tgt, src_seg)
   dm = EncoderDecoder(cfg.replace(decode=True))
-  encoded = m.apply(v, src, method=EncoderDecoder.encode)
+  encoded = m.apply(v, src, src_seg, method=EncoderDecoder.encode)
   cache = init_cache(dm, 2, tgt.shape[1], source_len=src.shape[1])
 
   @jax.jit
   def step(tok, cache):
     logits, mut = dm.apply({'params': v['params'], 'cache': cache}, encoded,
-                           src, tok, method=EncoderDecoder.decode,
+                           src_seg, tok, method=EncoderDecoder.decode,
                            mutable=['cache'])
     return logits, mut['cache']
 
@@ -341,7 +347,9 @@ def test_bf16_masking_stays_finite():
   src = _tokens(rng, (2, 6)).at[:, 3:].set(0)
   tgt = _tokens(rng, (2, 5)).at[:, 2:].set(0)
   v = _init(m, src, tgt)
-  assert np.isfinite(np.asarray(m.apply(v, src, tgt))).all()
+  logits = m.apply(v, src, tgt, (src > 0).astype(jnp.int32),
+                   (tgt > 0).astype(jnp.int32))
+  assert np.isfinite(np.asarray(logits)).all()
 
 
 def test_sharded_forward_matches_single_device():

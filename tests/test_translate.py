@@ -44,6 +44,12 @@ EOS = tokenizers.EOS_ID
 VOCAB, BATCH, SRC, MAX_LEN = 24, 6, 8, 12
 
 
+def _segments(x):
+  """Segment ids of the test's rows: their tokens, left-aligned and padded
+  with 0 (1 on tokens, 0 on padding), as the pipeline writes them."""
+  return (x > 0).astype(jnp.int32)
+
+
 def _reverse_batch(rng, rows):
   """Sources of 1-7 random tokens + EOS; targets: the tokens reversed + EOS."""
   src = np.zeros((rows, SRC), np.int32)
@@ -75,7 +81,8 @@ def tiny():
   @jax.jit
   def step(params, opt_state, src, tgt):
     def loss(p):
-      logits = model.apply({'params': p}, src, tgt)
+      logits = model.apply({'params': p}, src, tgt, _segments(src),
+                           _segments(tgt))
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, tgt)
       return jnp.sum(ce * (tgt > 0)) / jnp.sum(tgt > 0)
     grads = jax.grad(loss)(params)
@@ -92,10 +99,12 @@ def tiny():
 def _encode_for_search(config, params, inputs):
   dmodel = EncoderDecoder(config.replace(decode=True))
   encoded = EncoderDecoder(config).apply({'params': params}, inputs,
+                                         _segments(inputs),
                                          method=EncoderDecoder.encode)
   cache = init_cache(dmodel, inputs.shape[0], MAX_LEN,
                      source_len=inputs.shape[1])
-  return cache, evaluate.cached_step(dmodel, params, encoded, inputs, VOCAB)
+  return cache, evaluate.cached_step(dmodel, params, encoded,
+                                     _segments(inputs), VOCAB)
 
 
 @functools.partial(jax.jit, static_argnames='config')
@@ -145,8 +154,9 @@ def test_beam_one_is_greedy_with_the_kv_cache(tiny, alpha):
 
 def test_cached_beam_search_equals_recomputing_the_prefix(tiny):
   config, params, inputs = tiny
-  decode = functools.partial(evaluate._beam_decode, params, inputs, 0.6,
-                             config=config, beam_size=4, max_len=MAX_LEN)
+  decode = functools.partial(evaluate._beam_decode, params, inputs,
+                             _segments(inputs), 0.6, config=config,
+                             beam_size=4, max_len=MAX_LEN)
   cached, uncached = decode(cached=True), decode(cached=False)
   _assert_nontrivial(cached)
   np.testing.assert_array_equal(cached, uncached)
@@ -156,18 +166,19 @@ def test_cached_beam_search_equals_recomputing_the_prefix(tiny):
 def _first_step_logits(params, inputs, *, config, limit):
   """First-step logits of the cached and uncached steps masked at `limit`, and unmasked."""
   model = EncoderDecoder(config)
-  encoded = model.apply({'params': params}, inputs,
+  segments = _segments(inputs)
+  encoded = model.apply({'params': params}, inputs, segments,
                         method=EncoderDecoder.encode)
   dmodel = EncoderDecoder(config.replace(decode=True))
   cache = init_cache(dmodel, inputs.shape[0], MAX_LEN,
                      source_len=inputs.shape[1])
   start = jnp.zeros((inputs.shape[0], 1), jnp.int32)
-  uncached, init = evaluate.uncached_step(model, params, encoded, inputs,
+  uncached, init = evaluate.uncached_step(model, params, encoded, segments,
                                           MAX_LEN, limit)
-  return (evaluate.cached_step(dmodel, params, encoded, inputs, limit)(
+  return (evaluate.cached_step(dmodel, params, encoded, segments, limit)(
               start, cache)[0],
           uncached(start, init(inputs.shape[0]))[0],
-          evaluate.cached_step(dmodel, params, encoded, inputs, VOCAB)(
+          evaluate.cached_step(dmodel, params, encoded, segments, VOCAB)(
               start, cache)[0])
 
 
@@ -320,8 +331,8 @@ def test_eval_prints_bleu_chrf_signature_and_speed(workdir):
   assert result['sentences_per_sec'] > 0
 
 
-def _echo_decode(params, inputs, alpha, *, config, beam_size, max_len,
-                 cached=True, vocab_limit=None):
+def _echo_decode(params, inputs, segmentation, alpha, *, config, beam_size,
+                 max_len, cached=True, vocab_limit=None):
   """A 'translation' that copies the source: output i shows which input it had."""
   inputs = np.asarray(inputs)[:, :max_len]
   return np.pad(inputs, ((0, 0), (0, max_len - inputs.shape[1])))

@@ -1,20 +1,18 @@
-"""Evaluation: beam-search translation, sacreBLEU/chrF, perplexity, sampling.
+"""Loading a trained workdir; beam-search translation and sacreBLEU/chrF.
 
 Translation sorts sentences by length (fewer pad tokens, fewer shapes to
 compile), decodes in batches with the KV cache and returns outputs in input
 order, one line each. Decoding never emits PAD or ids the tokenizer lacks.
 `decode_speed` measures sentences/s with the cache against recomputing the
-prefix at every step (the reference the tests compare the cache with). BLEU is sacreBLEU's corpus BLEU on detokenised text (cased, 13a), the
-signature reported with it. Language models report eval loss/perplexity and
-stream samples.
+prefix at every step (the reference the tests compare the cache with). BLEU
+is sacreBLEU's corpus BLEU on detokenised text (cased, 13a), the signature
+reported with it. When a translation run evaluates is its task's business
+(train/tasks/translation.py).
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
-import sys
 import time
 from typing import Any
 
@@ -26,7 +24,7 @@ import sacrebleu
 from data import tokenizer as tokenizers
 from data.errors import UserError
 from model import EncoderDecoder, generate, init_cache
-from train import checkpoint, sampling
+from train import checkpoint
 
 
 def _round_up(n: int, multiple: int = 8) -> int:
@@ -78,21 +76,22 @@ def mask_unproducible(logits: jax.Array, vocab_limit: int) -> jax.Array:
   return jnp.where(bad, generate.NEG_INF, logits)
 
 
-def cached_step(dmodel, params, encoded, inputs, vocab_limit: int):
+def cached_step(dmodel, params, encoded, segmentation, vocab_limit: int):
   """tokens_to_logits over the KV cache: one new token per step.
 
-  dmodel: EncoderDecoder with decode=True; encoded [n, s, d] and inputs [n, s]
-  already expanded to the n = batch * beam rows the search feeds.
+  dmodel: EncoderDecoder with decode=True; encoded [n, s, d] and the
+  source's segmentation [n, s] (0 on padding) already expanded to the
+  n = batch * beam rows the search feeds.
   """
   def tokens_to_logits(tokens, cache):
     logits, mut = dmodel.apply({'params': params, 'cache': cache}, encoded,
-                               inputs, tokens, method=EncoderDecoder.decode,
-                               mutable=['cache'])
+                               segmentation, tokens,
+                               method=EncoderDecoder.decode, mutable=['cache'])
     return mask_unproducible(logits[:, 0], vocab_limit), mut['cache']
   return tokens_to_logits
 
 
-def uncached_step(module, params, encoded, inputs, max_len: int,
+def uncached_step(module, params, encoded, segmentation, max_len: int,
                   vocab_limit: int | None = None):
   """tokens_to_logits that re-runs the decoder over the whole prefix each step.
 
@@ -110,8 +109,8 @@ def uncached_step(module, params, encoded, inputs, max_len: int,
     if encoded is None:
       logits = module.apply({'params': params}, history)
     else:
-      logits = module.apply({'params': params}, encoded, inputs, targets,
-                            method=EncoderDecoder.decode)
+      logits = module.apply({'params': params}, encoded, segmentation,
+                            targets, method=EncoderDecoder.decode)
     logits = jax.lax.dynamic_index_in_dim(logits, index, axis=1, keepdims=False)
     if vocab_limit is not None:
       logits = mask_unproducible(logits, vocab_limit)
@@ -125,20 +124,22 @@ def uncached_step(module, params, encoded, inputs, max_len: int,
 
 @functools.partial(jax.jit, static_argnames=('config', 'beam_size', 'max_len',
                                               'cached', 'vocab_limit'))
-def _beam_decode(params, inputs, alpha, *, config, beam_size: int,
-                 max_len: int, cached: bool = True,
+def _beam_decode(params, inputs, segmentation, alpha, *, config,
+                 beam_size: int, max_len: int, cached: bool = True,
                  vocab_limit: int | None = None):
-  """inputs [b, s] -> best hypotheses [b, max_len].
+  """inputs [b, s], their segmentation [b, s] (1 on tokens, 0 on padding)
+  -> best hypotheses [b, max_len].
 
   config: the run's TransformerConfig (hashable, so reloading a checkpoint of
   the same model reuses the compiled search).
   """
   vocab_limit = vocab_limit or config.vocab_size
   model = EncoderDecoder(config.replace(deterministic=True, decode=False))
-  encoded = model.apply({'params': params}, inputs, method=EncoderDecoder.encode)
+  encoded = model.apply({'params': params}, inputs, segmentation,
+                        method=EncoderDecoder.encode)
   # Encoder outputs are expanded here; beam_search expands the cache itself.
   enc_b = generate.expand_beams(encoded, beam_size)
-  inp_b = generate.expand_beams(inputs, beam_size)
+  inp_b = generate.expand_beams(segmentation, beam_size)
   if cached:
     dmodel = EncoderDecoder(config.replace(deterministic=True, decode=True))
     cache = init_cache(dmodel, inputs.shape[0], max_len,
@@ -179,12 +180,15 @@ def translate(run, params, lines: list[str], *, beam_size: int | None = None,
     chunk = todo[start:start + rows]
     src_len = min(_round_up(max(len(ids[i]) for i in chunk)), cap)
     inputs = np.zeros((rows, src_len), np.int32)
+    segmentation = np.zeros((rows, src_len), np.int32)
     for r, i in enumerate(chunk):
       row = ids[i][:src_len]
       inputs[r, :len(row)] = row
+      segmentation[r, :len(row)] = 1
     # Paper 6.1: maximum output length = input length + 50.
     max_len = min(src_len + d.max_extra_len, cap)
-    best = _beam_decode(params, jnp.asarray(inputs), float(alpha),
+    best = _beam_decode(params, jnp.asarray(inputs), jnp.asarray(segmentation),
+                        float(alpha),
                         config=run.model_config, beam_size=beam,
                         max_len=max_len, cached=cached,
                         vocab_limit=tok.vocab_size)
@@ -232,25 +236,14 @@ def bleu(hypotheses: list[str], references: list[str]) -> dict[str, Any]:
           'chrf_signature': str(c.get_signature())}
 
 
-def evaluate_split(run, params, split: str | None = None, *,
-                   beam_size=None, alpha=None, batch_size=None,
-                   max_sentences: int | None = None) -> dict[str, Any]:
-  """BLEU/chrF and sentences/s (translation), or loss/perplexity (LM) on a split.
+def score_split(run, params, split, *, beam_size=None, alpha=None,
+                batch_size=None, max_sentences=None):
+  """(result, pairs, hypotheses): BLEU/chrF and sentences/s on a split.
 
   max_sentences: score the first N sentences; None takes the config's
   decode.test_sentences (0, all, except in :smoke configs); 0 is all.
   sentences/s includes compiling each batch shape once.
   """
-  if run.task.kind == 'lm':
-    split = split or run.config.data.eval_split
-    return {'split': split, **run.evaluate_loss(params, split)}
-  return _score_split(run, params, split, beam_size=beam_size, alpha=alpha,
-                      batch_size=batch_size, max_sentences=max_sentences)[0]
-
-
-def _score_split(run, params, split, *, beam_size=None, alpha=None,
-                 batch_size=None, max_sentences=None):
-  """(result, pairs, hypotheses) of evaluate_split for translation."""
   split = split or run.config.data.test_split
   if max_sentences is None:
     max_sentences = run.config.decode.test_sentences
@@ -264,69 +257,3 @@ def _score_split(run, params, split, *, beam_size=None, alpha=None,
   return ({'split': split, 'sentences': len(hyps),
            'sentences_per_sec': len(hyps) / seconds, **bleu(hyps, refs)},
           pairs, hyps)
-
-
-# -- hooks for the training loop ---------------------------------------------------
-
-def periodic(run, params, step: int) -> dict[str, float]:
-  """Extra eval-time metrics: validation BLEU (translation) or a sample (LM)."""
-  config = run.config
-  if run.task.kind == 'lm':
-    s = config.sample
-    text = sampling.generate_text(run, params, s.prompt, max_new_tokens=s.max_new_tokens,
-                         temperature=s.temperature, top_k=s.top_k,
-                         top_p=s.top_p, seed=step)
-    if jax.process_index() == 0:
-      with open(os.path.join(run.workdir, 'samples.txt'), 'a') as f:
-        f.write(f'--- step {step}\n{text}\n')
-    run.last_sample = (step, text)
-    return {}
-  d = config.decode
-  if not d.bleu_every or step % d.bleu_every:
-    return {}
-  corpus = run.task.corpus(config.data.eval_split)
-  pairs = corpus.pairs[:d.bleu_sentences] if d.bleu_sentences else corpus.pairs
-  hyps = translate(run, params, [s for s, _ in pairs])
-  return {'eval/bleu': bleu(hyps, [t for _, t in pairs])['bleu']}
-
-
-def at_end(run, state, step: int) -> dict[str, Any]:
-  """Final report: test BLEU and example translations, or a sample of the LM."""
-  config = run.config
-  out: dict[str, Any] = {}
-  if run.task.kind == 'lm':
-    s = config.sample
-    chief = jax.process_index() == 0
-    if chief:
-      print(f'--- sample after {step} steps:', flush=True)
-    if run.last_sample and run.last_sample[0] == step:
-      if chief:  # the evaluation at this step has just sampled: show that
-        print(run.last_sample[1], flush=True)
-      return out
-    sampling.generate_samples(run, state.params, s.prompt, max_new_tokens=s.max_new_tokens,
-             temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=0,
-             stream=sys.stdout if chief else None)
-    return out
-  params = state.params
-  if config.train.average_last:
-    run.ckpt.wait()
-    checkpoint.save_average(run.workdir, config.train.average_last,
-                            run.abstract_state)
-    avg = checkpoint.Checkpointer(run.workdir, subdir='checkpoints_avg',
-                                  best_metric=None, read_only=True)
-    params = avg.restore(run.abstract_state)[1].params
-    out['averaged_last'] = config.train.average_last
-  # The examples are the first scored sentences: no second decode (another
-  # compile, and on one process only, which sharded params cannot serve).
-  result, pairs, hyps = _score_split(
-      run, params, config.data.test_split,
-      max_sentences=config.decode.test_sentences)
-  out.update({f'test/{k}': v for k, v in result.items() if k != 'split'})
-  if jax.process_index() == 0:
-    print(f'test {config.data.test_split}: BLEU {result["bleu"]:.2f} chrF '
-          f'{result["chrf"]:.2f} ({result["bleu_signature"]})', flush=True)
-    for (src, ref), hyp in zip(pairs[:3], hyps[:3]):
-      print(f'  src: {src}\n  ref: {ref}\n  hyp: {hyp}', flush=True)
-    with open(os.path.join(run.workdir, 'results.json'), 'w') as f:
-      json.dump({'step': step, **out}, f, indent=2)
-  return out
