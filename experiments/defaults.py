@@ -25,11 +25,13 @@ def choose_arg(experiment: str, arg: str | None, choices) -> str:
 
 def get_config(preset: str = 'transformer_base') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.task = 'translation'            # 'translation' | 'lm'
+  c.task = 'translation'            # translation | lm | mlm | sft | reward | dpo (train/tasks)
 
   c.data = ml_collections.ConfigDict()
   c.data.dir = ''                   # '' -> $TRANSFLAX_DATA -> ~/.cache/transflax
-  c.data.corpus = 'multi30k'        # multi30k | wmt | parallel | tinyshakespeare | text | tokens
+  # translation: multi30k | wmt | parallel; lm, mlm: tinyshakespeare | text |
+  # tokens | chitchat; sft: chitchat | jsonl; reward, dpo: sentiment | jsonl
+  c.data.corpus = 'multi30k'
   c.data.src_lang = 'en'
   c.data.tgt_lang = 'de'
   c.data.wmt_dataset = 'wmt14'      # HF datasets name (corpus=wmt)
@@ -40,9 +42,15 @@ def get_config(preset: str = 'transformer_base') -> ml_collections.ConfigDict:
   c.data.train_split = 'train'
   c.data.eval_split = 'val'         # eval loss (and BLEU) during training
   c.data.test_split = 'test_2016_flickr'  # final evaluation
-  c.data.max_length = 64            # translation: tokens per packed row side
+  c.data.max_length = 64            # translation: tokens per packed row side;
+                                    # sft/reward/dpo: tokens per conversation
+  c.data.max_turns = 6              # sft on chitchat: turns per conversation
   c.data.pack = True                # several examples per row (translation)
   c.data.seq_len = 256              # lm: block length
+  # Chat template (data/chat.py): simple | chatml | '' (none). A pretraining
+  # LM reserves its control pieces in the tokenizer; sft/reward/dpo render
+  # conversations with it (a run started with init_from keeps the source's).
+  c.data.chat_template = ''
   c.data.tokenizer = ml_collections.ConfigDict()
   c.data.tokenizer.type = 'sentencepiece'  # sentencepiece | char
   c.data.tokenizer.path = ''        # use this trained model instead of training
@@ -61,6 +69,10 @@ def get_config(preset: str = 'transformer_base') -> ml_collections.ConfigDict:
   c.train.batch_size = 128          # global rows per step (all hosts)
   c.train.grad_accum_steps = 1      # micro-batches per step (same update)
   c.train.seed = 0
+  # WORKDIR[:STEP|best|average]: a fresh run starts from that run's
+  # parameters (every path both models have) and tokenizer; see
+  # train/init_from.py. Ignored when the workdir already has checkpoints.
+  c.train.init_from = ''
   c.train.label_smoothing = 0.1     # paper 5.4
   c.train.z_loss = 0.0
   c.train.loss_chunk = 0            # LM: logits made this many positions at a time (0: all)
@@ -112,6 +124,19 @@ def get_config(preset: str = 'transformer_base') -> ml_collections.ConfigDict:
   c.sample.top_k = 200
   c.sample.top_p = 1.0
   c.sample.num_samples = 1
+
+  c.reward = ml_collections.ConfigDict()   # task reward (and dpo's data)
+  c.reward.k = 4                    # responses per ranking (InstructGPT: 4-9)
+  c.reward.tie_margin = 0.5         # sentiment: ratings closer than this tie
+  c.reward.sources = 'tweets,movies,amazon'  # sentiment rating files used
+  c.reward.pair_gap = 1.0           # held-out human pairs: ratings this far apart
+  c.reward.normalise = True         # shift the bias: training responses score 0
+
+  c.dpo = ml_collections.ConfigDict()
+  c.dpo.beta = 0.1                  # strength of the KL to the reference
+  c.dpo.loss_type = 'sigmoid'       # sigmoid (DPO) | ipo
+  c.dpo.label_smoothing = 0.0       # > 0: conservative DPO (sigmoid only)
+  c.dpo.disable_dropout = True      # policy without dropout, as TRL's default
 
   c.metrics = ml_collections.ConfigDict()
   c.metrics.peak_flops = 0.0        # per-device peak FLOP/s; 0 = look up

@@ -3,8 +3,8 @@
 The benchmark times the real jitted train step on synthetic batches of the
 configured shape (so it needs no corpus beyond the tokenizer's vocabulary
 size), reports step time, tokens/s, model TFLOP/s and MFU against the device
-peak (on a CPU: a measured f32 matmul), then decode tokens/s with the KV cache
-at batch 1 and 32 for language models.
+peak (on a CPU: a measured f32 matmul), then what the task adds (decode
+tokens/s with the KV cache at batch 1 and 32 for language models).
 """
 
 from __future__ import annotations
@@ -54,23 +54,6 @@ def dry_run(config) -> None:
     print(f'  {name:<64} {str(leaf.shape):<20} {leaf.sharding.spec}')
 
 
-def synthetic_batch(task, batch_size: int, config) -> dict[str, np.ndarray]:
-  """Full rows of random tokens in the task's batch layout."""
-  rng = np.random.default_rng(0)
-  vocab = task.model_config.vocab_size
-  length = config.data.seq_len if task.kind == 'lm' else config.data.max_length
-  batch = {}
-  for key in task.batch_keys:
-    if key.endswith('_segmentation'):
-      batch[key] = np.ones((batch_size, length), np.int32)
-    elif key.endswith('_position'):
-      batch[key] = np.broadcast_to(np.arange(length, dtype=np.int32),
-                                   (batch_size, length)).copy()
-    else:
-      batch[key] = rng.integers(4, vocab, (batch_size, length), dtype=np.int32)
-  return batch
-
-
 def _time(fn, n: int) -> float:
   """Seconds per call of fn() over n calls (fn blocks on its result)."""
   start = time.perf_counter()
@@ -82,27 +65,29 @@ def _time(fn, n: int) -> float:
 def benchmark(config, *, steps: int = 20, warmup: int = 3,
               decode_batches: tuple[int, ...] = (1, 32),
               decode_tokens: int = 64) -> dict[str, Any]:
-  """Train-step and decode throughput of `config` on the local devices."""
-  from train import loop
+  """Train-step throughput of `config` on the local devices, plus the task's
+  own extra numbers (language models: decode tokens/s with the KV cache at
+  each of `decode_batches` rows, `decode_tokens` tokens each)."""
   mesh, rules, task, schedule, tx = _setup(config)
   t = config.train
   state, shardings = state_lib.create_train_state(
       task.init_params, tx, t.seed, mesh, rules)
+  # Frozen trees (a DPO reference) are timed as a copy of the params.
+  frozen = {name: state.params for name in task.frozen_sources()}
   train_step = step_lib.jit_train_step(
-      step_lib.make_train_step(task.forward, schedule,
-                               label_smoothing=t.label_smoothing,
-                               z_loss=t.z_loss,
+      step_lib.make_train_step(task.loss, schedule,
                                grad_accum_steps=t.grad_accum_steps),
-      shardings, mesh, rules)
+      shardings, {name: shardings.params for name in frozen}, mesh, rules)
   if t.batch_size % jax.process_count():
     raise UserError(f'train.batch_size={t.batch_size} is not divisible by the '
                     f'{jax.process_count()} processes')
-  local = synthetic_batch(task, t.batch_size // jax.process_count(), config)
+  local = task.synthetic_batch(t.batch_size // jax.process_count())
   batch = partitioning.make_global_batch(local, mesh)
+  frozen = jax.tree.map(jnp.copy, frozen)  # the state is donated
   holder = {'state': state}
 
   def one_step():
-    holder['state'], m = train_step(holder['state'], batch)
+    holder['state'], m = train_step(holder['state'], frozen, batch)
     jax.block_until_ready(m['loss'])
 
   start = time.perf_counter()
@@ -114,10 +99,8 @@ def benchmark(config, *, steps: int = 20, warmup: int = 3,
 
   params = holder['state'].params
   counts = state_lib.count_params(params)
-  num_params = counts['total']
   # Every process holds an equal share of the global batch.
-  flops = loop.train_flops(task.kind, task.model_config, num_params,
-                           counts.get('encoder', 0), local) * jax.process_count()
+  flops = task.flops_per_step(local, counts) * jax.process_count()
   device = jax.devices()[0]
   num_devices = jax.device_count()
   if device.platform == 'cpu':
@@ -131,10 +114,10 @@ def benchmark(config, *, steps: int = 20, warmup: int = 3,
     peak = metrics_lib.peak_flops_per_device(device,
                                              config.metrics.peak_flops or None)
     peak_note = 'dense bf16 spec sheet'
-  tokens = float(np.sum(local['targets'] > 0)) * jax.process_count()
+  tokens = task.count_tokens(local) * jax.process_count()
   result = {
       'device': f'{jax.device_count()} x {device.device_kind}',
-      'params': num_params,
+      'params': counts['total'],
       'batch': list(local['inputs'].shape),
       'compile_s': compile_s,
       'step_time_s': step_s,
@@ -144,36 +127,6 @@ def benchmark(config, *, steps: int = 20, warmup: int = 3,
       'peak_source': peak_note,
       'mfu': metrics_lib.mfu(flops, step_s, num_devices, peak),
   }
-  if task.kind == 'lm':
-    for b in decode_batches:
-      result[f'decode_tokens_per_sec_batch{b}'] = _decode_speed(
-          task, holder['state'].params, b, decode_tokens)
+  result.update(task.benchmark_extra(params, decode_batches=decode_batches,
+                                     decode_tokens=decode_tokens))
   return result
-
-
-def _decode_speed(task, params, batch: int, n: int) -> float:
-  """Tokens/s of cached one-token decode steps (after compilation)."""
-  from model import DecoderLM, generate, init_cache
-  n = min(n, task.model_config.max_len)
-  # As train/sampling.py decodes: XLA attention (one query per step).
-  dmodel = DecoderLM(task.model_config.replace(decode=True, deterministic=True,
-                                               attention_impl='xla'))
-
-  # Params are an argument: closed over, they would become constants of the
-  # program (GPT-2 small: 500 MB to embed and constant-fold).
-  @jax.jit
-  def run(params, rng):
-    def tokens_to_logits(tokens, cache):
-      logits, mut = dmodel.apply({'params': params, 'cache': cache}, tokens,
-                                 mutable=['cache'])
-      return logits[:, 0], mut['cache']
-    cache = init_cache(dmodel, batch, n)
-    prompt = jnp.zeros((batch, n), jnp.int32)
-    # eos_id -1: no row ends early, every step decodes all rows.
-    return generate.temperature_sample(prompt, cache, tokens_to_logits, rng,
-                                       eos_id=-1, temperature=1.0)
-
-  jax.block_until_ready(run(params, jax.random.PRNGKey(0)))
-  seconds = _time(
-      lambda: jax.block_until_ready(run(params, jax.random.PRNGKey(1))), 3)
-  return batch * n / seconds

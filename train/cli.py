@@ -94,6 +94,9 @@ def _cmd_train() -> None:
 def _cmd_translate() -> None:
   from train import evaluate
   run, params = evaluate.load(_require('workdir'), FLAGS.checkpoint)
+  if not hasattr(run.task, 'corpus'):
+    raise UserError(f'{FLAGS.workdir} holds a {run.config.task!r} run; '
+                    f'`transflax translate` needs a translation run')
   src = open(FLAGS.input, encoding='utf-8') if FLAGS.input else sys.stdin
   lines = [line.rstrip('\n') for line in src]
   out = evaluate.translate(run, params, lines, beam_size=FLAGS.beam_size,
@@ -106,7 +109,7 @@ def _cmd_translate() -> None:
 def _cmd_eval() -> None:
   from train import evaluate
   run, params = evaluate.load(_require('workdir'), FLAGS.checkpoint)
-  result = evaluate.evaluate_split(run, params, FLAGS.split,
+  result = run.task.evaluate_split(run, params, FLAGS.split,
                                    beam_size=FLAGS.beam_size, alpha=FLAGS.alpha,
                                    batch_size=FLAGS.batch_size)
   print(json.dumps(result, sort_keys=True))
@@ -115,6 +118,10 @@ def _cmd_eval() -> None:
 def _cmd_generate() -> None:
   from train import evaluate, sampling
   run, params = evaluate.load(_require('workdir'), FLAGS.checkpoint)
+  if not hasattr(run.task, 'sample'):
+    raise UserError(f'{FLAGS.workdir} holds a {run.config.task!r} run, which '
+                    f'does not generate text; `transflax generate` needs a '
+                    f'decoder-only LM (task lm, sft or dpo)')
   s = run.config.sample
   sampling.generate_samples(
       run, params, FLAGS.prompt if FLAGS.prompt is not None else s.prompt,

@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 
 from data.errors import UserError
-from train import checkpoint, metrics as metrics_lib, objectives
+from train import checkpoint, init_from, metrics as metrics_lib, objectives
 from train import partitioning, state as state_lib, step as step_lib, tasks
 
 # Fields that fix parameter shapes: a workdir trained with other values cannot
@@ -43,7 +43,13 @@ class NonFiniteLoss(UserError):
 
 
 class Run:
-  """Everything a run builds from (config, workdir); shared by train/eval/translate."""
+  """Everything a run builds from (config, workdir); shared by train/eval/generate.
+
+  A fresh training run with `train.init_from` resolves its source first: the
+  task takes the source's tokenizer, `restore_or_init` its parameters, and
+  the frozen trees (`task.frozen_sources()`) are written once into the
+  workdir. A run with checkpoints resumes them and never reads the source.
+  """
 
   def __init__(self, config, workdir: str, *, for_training: bool = True,
                devices: Sequence[jax.Device] | None = None):
@@ -55,7 +61,15 @@ class Run:
     partitioning.initialize(m)
     self.mesh = partitioning.make_mesh(m.data, m.fsdp, m.tensor, devices)
     self.rules = partitioning.rules_from_config(m.rules)
-    self.task = tasks.make_task(config, workdir)
+    self.ckpt = checkpoint.Checkpointer(
+        workdir, keep=max(config.train.keep_checkpoints,
+                          config.train.average_last or 0),
+        best_metric=config.train.best_metric or None,
+        best_mode=config.train.best_mode, read_only=not for_training)
+    spec = config.train.get('init_from', '')
+    self.source = (init_from.resolve(spec) if spec and for_training
+                   and self.ckpt.latest_step() is None else None)
+    self.task = tasks.make_task(config, workdir, source=self.source)
     self.model_config = self.task.model_config
     num_steps = config.train.num_steps
     self.schedule = state_lib.make_schedule(config.optimizer,
@@ -63,26 +77,32 @@ class Run:
     self.tx = state_lib.make_optimizer(config.optimizer, self.schedule)
     self.abstract_state, self.shardings = state_lib.abstract_train_state(
         self.task.init_params, self.tx, config.train.seed, self.mesh, self.rules)
-    counts = state_lib.count_params(self.abstract_state.params)
-    self.num_params = counts['total']
-    self.num_encoder_params = counts.get('encoder', 0)
-    self.ckpt = checkpoint.Checkpointer(
-        workdir, keep=max(config.train.keep_checkpoints,
-                          config.train.average_last or 0),
-        best_metric=config.train.best_metric or None,
-        best_mode=config.train.best_mode, read_only=not for_training)
+    self.param_counts = state_lib.count_params(self.abstract_state.params)
+    self.num_params = self.param_counts['total']
+    self.abstract_frozen, self.frozen_shardings = {}, {}
+    for name in self.task.frozen_sources():
+      self.abstract_frozen[name], self.frozen_shardings[name] = (
+          state_lib.abstract_params(self.task.init_params, config.train.seed,
+                                    self.mesh, self.rules))
     self.last_sample: tuple[int, str] | None = None  # (step, text), LM evals
+    self.final_report: dict[str, Any] = {}  # task.finalize's, at the last step
+    self._eval_step = None
+    self._frozen = None
 
   @property
   def meta(self) -> dict[str, Any]:
     tok = self.task.tokenizer.serialized
-    return {
+    meta = {
         'task': self.config.task,
         'config': self.config.to_dict(),
         'model': self.model_config.to_dict(),
         'tokenizer': base64.b64encode(tok).decode('ascii'),
         'tokenizer_sha': _sha(tok),
+        **self.task.meta(),
     }
+    if self.source is not None:
+      meta['init_from'] = self.source.record()
+    return meta
 
   def check_workdir(self) -> None:
     """A workdir from another model shape or vocabulary is an error, never a mix."""
@@ -92,7 +112,8 @@ class Run:
                                   source=f'{self.ckpt.directory}')
 
   def restore_or_init(self, step: Any = None):
-    """(step, state, data_state): restored if a checkpoint exists, else fresh."""
+    """(step, state, data_state): restored if a checkpoint exists, else fresh
+    (from train.init_from's parameters when given)."""
     self.check_workdir()
     restored = self.ckpt.restore(self.abstract_state, step=step)
     if restored is not None:
@@ -102,8 +123,47 @@ class Run:
     state, _ = state_lib.create_train_state(
         self.task.init_params, self.tx, self.config.train.seed, self.mesh,
         self.rules)
+    if self.source is not None:
+      params, report = init_from.load_params(
+          self.source, state.params, workdir=self.workdir,
+          model=self.model_config.to_dict())
+      if jax.process_index() == 0:
+        print(report, flush=True)
+      state = state.replace(params=params)
+    self._init_frozen(state.params)
     return 0, state, None
 
+  # -- frozen trees ----------------------------------------------------------
+  def _init_frozen(self, params) -> None:
+    """Loads each frozen tree from its source and writes it into the workdir."""
+    self._frozen = {}
+    for name, spec in self.task.frozen_sources().items():
+      if spec == tasks.base.INIT_FROM:
+        if self.source is None:
+          raise UserError(f'task {self.config.task} needs train.init_from: '
+                          f'its frozen {name!r} tree is the run it starts '
+                          f'from (e.g. the SFT run)')
+        tree = params  # the parameters just copied from the source
+      else:
+        source = init_from.resolve(spec)
+        tree, report = init_from.load_params(
+            source, jax.tree.map(jnp.zeros_like, params),
+            workdir=self.workdir, model=self.model_config.to_dict())
+        logging.info('frozen %s: %s', name, report)
+      # A copy: the TrainState's params are donated to the first step.
+      tree = jax.tree.map(jnp.copy, tree)
+      state_lib.save_frozen(self.workdir, name, tree)
+      self._frozen[name] = tree
+
+  @property
+  def frozen(self) -> dict[str, Any]:
+    """The frozen trees (loaded from the workdir on first use)."""
+    if self._frozen is None:
+      self._frozen = {name: state_lib.load_frozen(self.workdir, name, abstract)
+                      for name, abstract in self.abstract_frozen.items()}
+    return self._frozen
+
+  # -- batches and evaluation ------------------------------------------------
   def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return partitioning.make_global_batch(local, self.mesh)
 
@@ -115,47 +175,36 @@ class Run:
                       f'data*fsdp mesh size {shards} and the {n} processes')
     return global_size // n
 
+  @property
+  def eval_step(self) -> step_lib.Jitted:
+    """The jitted eval step: built once per run, so each batch shape compiles
+    once however many evaluations the run makes."""
+    if self._eval_step is None:
+      self._eval_step = step_lib.jit_eval_step(
+          step_lib.make_eval_step(self.task.eval_loss), self.shardings.params,
+          self.frozen_shardings, self.mesh, self.rules)
+    return self._eval_step
+
   def evaluate_loss(self, params, split: str) -> dict[str, float]:
-    """eval/loss (plain cross-entropy per token), perplexity, accuracy over a split."""
+    """The task's eval metrics over a split, as `eval/<name>`."""
     t = self.config.train
     _, batches = self.task.eval_batches(
         split, self.local_batch_size(t.eval_batch_size, 'train.eval_batch_size'),
         jax.process_index(), jax.process_count())
-    eval_step = step_lib.jit_eval_step(
-        step_lib.make_eval_step(self.task.forward), self.shardings.params,
-        self.mesh, self.rules)
+    frozen = self.frozen
     totals, in_flight = None, step_lib.InFlight()
     for i, batch in enumerate(batches):
       if t.max_eval_batches and i >= t.max_eval_batches:
         break
-      sums = eval_step(params, self.global_batch(batch))
+      sums = self.eval_step(params, frozen, self.global_batch(batch))
       totals = sums if totals is None else jax.tree_util.tree_map(
           jnp.add, totals, sums)
       in_flight.push(totals)
-    m = {k: float(v) for k, v in objectives.normalise(totals).items()}
-    return {'eval/loss': m['nll'], 'eval/perplexity': float(np.exp(m['nll'])),
-            'eval/accuracy': m['accuracy'], 'eval/tokens': m['tokens']}
+    m = self.task.eval_metrics(step_lib.normalise_eval(totals))
+    return {f'eval/{k}': v for k, v in m.items()}
 
   def flops_per_step(self, batch: dict[str, np.ndarray]) -> float:
-    return train_flops(self.task.kind, self.model_config, self.num_params,
-                       self.num_encoder_params, batch)
-
-
-def train_flops(kind: str, cfg, num_params: int, num_encoder_params: int,
-                batch: dict[str, np.ndarray]) -> float:
-  """Model FLOPs of one train step on `batch` (PaLM's 6N + attention; real tokens)."""
-  if kind == 'lm':
-    tokens = float(np.sum(batch['inputs_segmentation'] > 0))
-    return tokens * metrics_lib.transformer_train_flops_per_token(
-        num_params, cfg.num_decoder_layers, cfg.d_model, batch['inputs'].shape[1])
-  return metrics_lib.encoder_decoder_train_flops(
-      encoder_params=num_encoder_params,
-      decoder_params=num_params - num_encoder_params,
-      encoder_layers=cfg.num_encoder_layers,
-      decoder_layers=cfg.num_decoder_layers, d_model=cfg.d_model,
-      src_len=batch['inputs'].shape[1], tgt_len=batch['targets'].shape[1],
-      src_tokens=float(np.sum(batch['inputs'] > 0)),
-      tgt_tokens=float(np.sum(batch['targets'] > 0)))
+    return self.task.flops_per_step(batch, self.param_counts)
 
 
 def _sha(b: bytes) -> str:
@@ -164,9 +213,14 @@ def _sha(b: bytes) -> str:
 
 
 def _mean_metrics(window: list[dict]) -> dict[str, float]:
+  """A log window's metrics: totals (objectives.Total) added, the rest averaged."""
   host = jax.device_get(window)
-  out = {f'train/{k}': float(np.mean([m[k] for m in host])) for k in host[0]}
-  out['train/tokens'] = float(np.sum([m['tokens'] for m in host]))
+  out = {}
+  for k, v in host[0].items():
+    if isinstance(v, objectives.Total):
+      out[f'train/{k}'] = float(np.sum([m[k].value for m in host]))
+    else:
+      out[f'train/{k}'] = float(np.mean([m[k] for m in host]))
   return out
 
 
@@ -187,18 +241,18 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True,
 
   `devices` restricts the mesh to those devices (default: all of them).
   """
-  from train import evaluate  # decoding and BLEU; imported late (heavier)
   t = config.train
   run = Run(config, workdir, devices=devices)
   # Restoring first refuses another model's workdir before anything in it
   # (config.json included) is overwritten.
   step, state, data_state = run.restore_or_init()
   write_config(config, workdir, run.model_config)
-  counts = state_lib.count_params(run.abstract_state.params)
+  counts = run.param_counts
   logging.info('parameters: %s', counts)
   if jax.process_index() == 0:
     print(f'model: {counts["total"]:,} parameters; mesh {dict(run.mesh.shape)}; '
           f'starting at step {step}', flush=True)
+  frozen = run.frozen
 
   local_bs = run.local_batch_size(t.batch_size, 'train.batch_size')
   if local_bs % t.grad_accum_steps:
@@ -210,23 +264,24 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True,
   if data_state is not None:
     data_iter.set_state(data_state)
   train_step = step_lib.jit_train_step(
-      step_lib.make_train_step(run.task.forward, run.schedule,
-                               label_smoothing=t.label_smoothing,
-                               z_loss=t.z_loss,
+      step_lib.make_train_step(run.task.loss, run.schedule,
                                grad_accum_steps=t.grad_accum_steps),
-      run.shardings, run.mesh, run.rules)
+      run.shardings, run.frozen_shardings, run.mesh, run.rules)
   peak = metrics_lib.peak_flops_per_device(run.mesh.devices.flat[0],
                                            config.metrics.peak_flops or None)
   writer = metrics_lib.MetricWriter(workdir, total_steps=t.num_steps,
                                     is_chief=jax.process_index() == 0)
   last_good_step = run.ckpt.latest_step()
-  window, flops, last_eval, step_time = [], 0.0, {}, None
+  window, flops, last_eval = [], 0.0, {}
+  evaluated_at = None  # the step of `last_eval`
   in_flight = step_lib.InFlight()
   timer = time.perf_counter()
 
-  def save(step, state, metrics=None):
+  def save(step, state):
+    # A checkpoint carries the eval metrics of its own step only, so that
+    # `best` can only pick a step that was evaluated.
     run.ckpt.save(step, state, data_state=data_iter.get_state(),
-                  meta=run.meta, metrics=metrics)
+                  meta=run.meta, metrics=last_eval if evaluated_at == step else None)
     return step
 
   def check_finite(window, step):
@@ -252,7 +307,7 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True,
       while step < t.num_steps:
         local = next(data_iter)
         flops += run.flops_per_step(local) * jax.process_count()
-        state, m = train_step(state, run.global_batch(local))
+        state, m = train_step(state, frozen, run.global_batch(local))
         step += 1
         window.append(m)
         in_flight.push(m)
@@ -262,7 +317,8 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True,
           elapsed = time.perf_counter() - timer
           # The first window includes compilation; later ones are steady state.
           out['train/step_time'] = elapsed / len(window)
-          out['train/tokens_per_sec'] = out['train/tokens'] / elapsed
+          if 'train/tokens' in out:
+            out['train/tokens_per_sec'] = out['train/tokens'] / elapsed
           out['train/mfu'] = metrics_lib.mfu(flops / len(window),
                                              out['train/step_time'],
                                              run.mesh.size, peak)
@@ -270,14 +326,21 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True,
           window, flops, timer = [], 0.0, time.perf_counter()
         if t.eval_every and (step % t.eval_every == 0 or step == t.num_steps):
           last_eval = run.evaluate_loss(state.params, config.data.eval_split)
-          last_eval.update(evaluate.periodic(run, state.params, step))
+          last_eval.update(run.task.periodic(run, state.params, step))
+          evaluated_at = step
           writer.write(step, last_eval)
           timer = time.perf_counter()
         stop = guard.should_stop(step)
         if step % t.checkpoint_every == 0 or step == t.num_steps or stop:
           if window:
             check_finite(window, step)
-          last_good_step = save(step, state, last_eval)
+          if step == t.num_steps:
+            state, run.final_report = run.task.finalize(run, state, step)
+            numbers = {k: v for k, v in run.final_report.items()
+                       if isinstance(v, (int, float))}
+            if numbers:
+              writer.write(step, numbers)
+          last_good_step = save(step, state)
           timer = time.perf_counter()
         if stop:
           logging.warning('signal received: saved step %d, exiting', step)
@@ -289,6 +352,6 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True,
 
   final = {'step': step, **last_eval}
   if evaluate_at_end:
-    final.update(evaluate.at_end(run, state, step))
+    final.update(run.task.at_end(run, state, step))
   run.ckpt.close()
   return final

@@ -1,9 +1,20 @@
 """Losses and their weights: label-smoothed cross-entropy, z-loss, token accuracy.
 
-Every function returns SUMS over tokens together with the total weight, so
-that callers normalise once by the number of non-pad target tokens in the
-whole (possibly accumulated) batch. That makes N micro-batches of b rows
-exactly equal to one batch of N*b rows.
+Every function returns SUMS together with the total weight, so that callers
+normalise once by the weight of the whole (possibly accumulated) batch: the
+loss-masked target tokens for token losses, comparisons or pairs for
+preference losses. That makes N micro-batches of b rows exactly equal to one
+batch of N*b rows.
+
+A task's loss returns `(loss_sum, weight, metric_sums)` (train/tasks). Each
+metric sum is one of three kinds, and `normalise` treats each its own way:
+
+  a plain array   a sum per unit of `weight` (token accuracy: hits)
+  Mean(total, n)  a sum over its own count (reward models: correct pairs
+                  over pairs, while the weight counts rankings)
+  Total(x)        a count reported as it is (tokens seen)
+
+All three are pytrees, so micro-batches and eval batches add leaf by leaf.
 """
 
 from __future__ import annotations
@@ -17,9 +28,15 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def target_weights(targets: Array) -> Array:
-  """1.0 on real target tokens, 0.0 on padding (token id 0). [b, l] -> [b, l]."""
-  return (targets > 0).astype(jnp.float32)
+class Mean(NamedTuple):
+  """A metric normalised by its own count: total / count."""
+  total: Array
+  count: Array
+
+
+class Total(NamedTuple):
+  """A metric reported as its sum (a count of tokens, pairs, ...)."""
+  value: Array
 
 
 def max_and_argmax(x: Array) -> tuple[Array, Array]:
@@ -193,12 +210,128 @@ def token_sums(outputs: Array | Hidden, targets: Array, weights: Array,
   return cross_entropy_sums(outputs, targets, weights, **kwargs)
 
 
-def normalise(sums: dict[str, Array]) -> dict[str, Array]:
-  """Token sums -> per-token loss, nll, accuracy; keeps the token count."""
-  denom = jnp.maximum(sums['weight'], 1.0)
-  return {
-      'loss': sums['loss'] / denom,
-      'nll': sums['nll'] / denom,
-      'accuracy': sums['correct'] / denom,
-      'tokens': sums['weight'],
-  }
+def normalise(sums: dict, weight: Array) -> dict:
+  """Metric sums (the three kinds of the module docstring) -> reported values.
+
+  Totals stay `Total`s, so that a log window can add them up (tokens seen
+  in the window) while it averages the rest.
+  """
+  out = {}
+  for name, value in sums.items():
+    if isinstance(value, Mean):
+      out[name] = value.total / jnp.maximum(value.count, 1.0)
+    elif isinstance(value, Total):
+      out[name] = value
+    else:
+      out[name] = value / jnp.maximum(weight, 1.0)
+  return out
+
+
+def token_loss(outputs: Array | Hidden, targets: Array, loss_mask: Array,
+               **kwargs) -> tuple[Array, Array, dict]:
+  """A task's `(loss_sum, weight, metric_sums)` for next-token prediction.
+
+  outputs: logits [b, l, v] or `Hidden`; targets, loss_mask [b, l] (the
+  mask is data: 1 on the positions the loss covers, 0 elsewhere). Metrics:
+  nll (plain cross-entropy, whatever the smoothing), accuracy, tokens.
+  """
+  sums = token_sums(outputs, targets, loss_mask.astype(jnp.float32), **kwargs)
+  return sums['loss'], sums['weight'], {
+      'nll': sums['nll'], 'accuracy': sums['correct'],
+      'tokens': Total(sums['weight'])}
+
+
+# -- sequence log-probabilities --------------------------------------------------
+
+
+def token_logprobs(logits: Array, targets: Array) -> Array:
+  """log p(target) at every position: logits [..., v], targets [...] -> [...]
+  float32, through `softmax_stats` (one pass over the logits backward)."""
+  row_max, _ = max_and_argmax(jax.lax.stop_gradient(logits).astype(jnp.float32))
+  log_z, label, _ = softmax_stats(logits, targets, row_max)
+  return label - log_z
+
+
+def token_kl(logits_p: Array, logits_q: Array) -> Array:
+  """KL(p || q) of the next-token distributions at every position:
+  [..., v] twice -> [...] float32 (exact, over the whole vocabulary)."""
+  logp = jax.nn.log_softmax(logits_p.astype(jnp.float32), axis=-1)
+  logq = jax.nn.log_softmax(logits_q.astype(jnp.float32), axis=-1)
+  return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
+
+
+# -- preferences ----------------------------------------------------------------------
+
+
+def ranking_loss(scores: Array, levels: Array) -> tuple[Array, Array, dict]:
+  """InstructGPT's reward-model loss over K-way rankings, as loss sums.
+
+  scores [b, K] (the reward of each response), levels [b, K] int (rank
+  level, 0 best; equal levels tie; -1 marks a missing response). Every pair
+  (i, j) with levels[i] < levels[j] is a comparison, loss -log sigmoid(r_i -
+  r_j); a ranking's comparisons are averaged (1 / C(K, 2) without ties), so
+  each ranking is one batch element and K responses cost K forward passes,
+  not C(K, 2) (InstructGPT section 3.5). Ties make no pair.
+
+  Returns (loss_sum over rankings, weight = rankings with a comparison,
+  metrics): accuracy (pairs ordered right; a tie of scores counts half) and
+  margin (mean r_better - r_worse) per pair, pairs.
+  """
+  levels = levels.astype(jnp.int32)
+  present = levels >= 0
+  better = (present[:, :, None] & present[:, None, :]
+            & (levels[:, :, None] < levels[:, None, :]))
+  diff = scores[:, :, None] - scores[:, None, :]
+  pair_loss = jnp.where(better, -jax.nn.log_sigmoid(diff), 0.0)
+  pairs = jnp.sum(better, axis=(1, 2)).astype(jnp.float32)
+  has_pairs = pairs > 0
+  per_ranking = jnp.sum(pair_loss, axis=(1, 2)) / jnp.maximum(pairs, 1.0)
+  right = jnp.where(better, (diff > 0) + 0.5 * (diff == 0), 0.0)
+  total_pairs = jnp.sum(pairs)
+  return (jnp.sum(jnp.where(has_pairs, per_ranking, 0.0)),
+          jnp.sum(has_pairs.astype(jnp.float32)),
+          {'accuracy': Mean(jnp.sum(right), total_pairs),
+           'margin': Mean(jnp.sum(jnp.where(better, diff, 0.0)), total_pairs),
+           'pairs': Total(total_pairs)})
+
+
+DPO_LOSSES = ('sigmoid', 'ipo')
+
+
+def dpo_loss(policy_chosen: Array, policy_rejected: Array,
+             reference_chosen: Array, reference_rejected: Array,
+             valid: Array, *, beta: float, loss_type: str = 'sigmoid',
+             label_smoothing: float = 0.0) -> tuple[Array, Array, dict]:
+  """DPO (Rafailov et al. 2023) and variants over pairs, as loss sums.
+
+  Inputs [b]: each response's log-probability under the policy and the
+  frozen reference (summed over its tokens; for IPO, averaged per token, as
+  TRL does); valid [b] is 0 on padding rows. With
+  h = (pi_c - ref_c) - (pi_r - ref_r):
+
+    sigmoid  -log sigmoid(beta h); with label_smoothing eps the conservative
+             DPO of Mitchell (2023): -(1 - eps) log sigmoid(beta h)
+             - eps log sigmoid(-beta h)
+    ipo      (h - 1 / (2 beta))^2 (Azar et al. 2023)
+
+  Returns (loss_sum, weight = pairs, metrics): the implicit rewards
+  beta (pi - ref) of chosen and rejected, their margin, and accuracy
+  (chosen's implicit reward above rejected's), per pair.
+  """
+  if loss_type not in DPO_LOSSES:
+    raise ValueError(f'loss_type={loss_type!r} is not one of {DPO_LOSSES}')
+  chosen = policy_chosen - reference_chosen
+  rejected = policy_rejected - reference_rejected
+  h = chosen - rejected
+  if loss_type == 'ipo':
+    losses = jnp.square(h - 1.0 / (2.0 * beta))
+  else:
+    losses = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
+              - label_smoothing * jax.nn.log_sigmoid(-beta * h))
+  valid = valid.astype(jnp.float32)
+  reward_c, reward_r = beta * chosen, beta * rejected
+  return jnp.sum(losses * valid), jnp.sum(valid), {
+      'rewards_chosen': jnp.sum(reward_c * valid),
+      'rewards_rejected': jnp.sum(reward_r * valid),
+      'margin': jnp.sum((reward_c - reward_r) * valid),
+      'accuracy': jnp.sum((reward_c > reward_r) * valid)}

@@ -166,8 +166,9 @@ def logical_to_sharding(logical_tree, mesh: Mesh, rules) -> Any:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Batches [b, l] are split over data and fsdp, replicated over tensor."""
-  return NamedSharding(mesh, P(('data', 'fsdp'), None))
+  """Batch arrays [b, ...] (any rank) are split over data and fsdp along
+  their rows, replicated over tensor."""
+  return NamedSharding(mesh, P(('data', 'fsdp')))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -9,7 +9,10 @@ Where the first token comes from depends on how the LM was trained:
 character models (nanoGPT) saw one unbroken stream, so the prompt's first
 character is the first input; SentencePiece LMs saw documents each followed
 by EOS, so they start from EOS with the whole prompt forced, as at the start
-of a training document.
+of a training document. A chat model (a run with a chat template: sft, dpo)
+reads the prompt as the user's turn, rendered with its template, and its
+reply ends at the template's end-of-turn token; the text returned is the
+reply.
 
 Models with learned positions know max_len of them; longer samples continue
 with a sliding window over the last max_len tokens, recomputed without the
@@ -19,37 +22,56 @@ cache, as nanoGPT's sample.py crops its context to the block size.
 from __future__ import annotations
 
 import functools
+import time
 from typing import IO
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data import chat
 from data import tokenizer as tokenizers
 from model import DecoderLM, generate, init_cache
 
 
-def prompt_ids(tokenizer, prompt: str) -> tuple[int, list[int]]:
+def prompt_ids(tokenizer, prompt: str, template: chat.ChatTemplate | None = None
+               ) -> tuple[int, list[int]]:
   """(start_id, forced ids): the first decoder input and the prompt after it."""
+  if template is not None:  # the user's turn, then the assistant's header
+    return tokenizers.EOS_ID, template.prompt(
+        tokenizer, chat.prompt_messages(prompt, 'the prompt'))
   ids = list(tokenizer.encode(prompt, add_eos=False)) if prompt else []
   if isinstance(tokenizer, tokenizers.CharTokenizer) and ids:
     return ids[0], ids[1:]
   return tokenizers.EOS_ID, ids
 
 
-def never_sampled(tokenizer) -> tuple[tuple[int, ...], int]:
+def never_sampled(tokenizer, template: chat.ChatTemplate | None = None
+                  ) -> tuple[tuple[int, ...], int]:
   """(special ids, tokenizer size): what the sampler must never emit.
 
   PAD, UNK and BOS are never training targets, and ids past the tokenizer
   (a vocabulary padded for speed) mean nothing; neither is EOS for character
   models, which saw one unbroken stream (nanoGPT's vocabulary has no EOS), so
-  their samples run to max_new_tokens. An untrained model would otherwise
-  sample them now and then.
+  their samples run to max_new_tokens, nor for chat models, whose replies
+  end with the template's end-of-turn piece (the other control pieces, role
+  headers, are never part of a reply either). An untrained model would
+  otherwise sample them now and then.
   """
   specials = [tokenizers.PAD_ID, tokenizers.UNK_ID, tokenizers.BOS_ID]
   if isinstance(tokenizer, tokenizers.CharTokenizer):
     specials.append(tokenizers.EOS_ID)
-  return tuple(sorted(specials)), tokenizer.vocab_size
+  if template is not None:
+    end = template.end_id(tokenizer)
+    specials += [tokenizers.EOS_ID] + [
+        i for i in (chat.piece_id(tokenizer, p) for p in template.pieces)
+        if i != end]
+  return tuple(sorted(set(specials))), tokenizer.vocab_size
+
+
+def stop_id(tokenizer, template: chat.ChatTemplate | None = None) -> int:
+  """The token that ends a sample: EOS, or a chat template's end of turn."""
+  return template.end_id(tokenizer) if template else tokenizers.EOS_ID
 
 
 def logits_mask(never: tuple[tuple[int, ...], int], vocab_size: int):
@@ -78,7 +100,8 @@ STREAM_TOKENS = 8
 @functools.lru_cache(maxsize=16)
 def _jitted_steps(model_config, start_id: int, top_k: int, top_p: float,
                   never: tuple[tuple[int, ...], int],
-                  sharding: jax.sharding.Sharding, window: bool = False):
+                  sharding: jax.sharding.Sharding, eos_id: int,
+                  window: bool = False):
   """steps(params, state, temperature, stop) -> state: sampling steps in a
   device loop until state.index == stop or every row has ended; one compile
   per model and settings. Looping on the device rather than the host saves a
@@ -113,7 +136,7 @@ def _jitted_steps(model_config, start_id: int, top_k: int, top_p: float,
       return full.apply({'params': params}, fed)[:, -1] + mask, fed
 
     return generate.sample_step(
-        state, windowed if window else cached, eos_id=tokenizers.EOS_ID,
+        state, windowed if window else cached, eos_id=eos_id,
         temperature=temperature, top_k=top_k, top_p=top_p, start_id=start_id)
 
   def steps(params, state, temperature, stop):
@@ -151,13 +174,15 @@ def generate_text(run, params, prompt: str, *, max_new_tokens: int,
                   stream: IO[str] | None = None) -> str:
   """Samples a continuation of `prompt`: KV cache, steps looped on the device.
 
-  Returns prompt + continuation; with `stream`, the same text is written as
-  tokens arrive (whole characters only). The same seed gives the same text;
-  temperature 0 is greedy. Sampling stops at max_new_tokens or a sampled EOS
-  (never for character models); see never_sampled.
+  Returns prompt + continuation (a chat model: its reply); with `stream`,
+  the same text is written as tokens arrive (whole characters only). The
+  same seed gives the same text; temperature 0 is greedy. Sampling stops at
+  max_new_tokens or a sampled `stop_id` (EOS, never for character models;
+  a chat template's end of turn); see never_sampled.
   """
   tok = run.task.tokenizer
-  start_id, forced = prompt_ids(tok, prompt)
+  template = getattr(run.task, 'chat_template', None)
+  start_id, forced = prompt_ids(tok, prompt, template)
   total = len(forced) + max_new_tokens
   if total == 0:
     if stream is not None:
@@ -168,8 +193,8 @@ def generate_text(run, params, prompt: str, *, max_new_tokens: int,
   # max_len tokens (no cache) continues the text.
   cached_len = min(total, cfg.max_len) if cfg.positions == 'learned' else total
   sharding = _state_sharding(params)
-  settings = (int(start_id), int(top_k), float(top_p), never_sampled(tok),
-              sharding)
+  settings = (int(start_id), int(top_k), float(top_p),
+              never_sampled(tok, template), sharding, stop_id(tok, template))
   temperature = jax.device_put(jnp.float32(temperature), sharding)
   steps = _jitted_steps(cfg, *settings)
   cache = init_cache(DecoderLM(cfg.replace(decode=True)), 1, cached_len)
@@ -177,11 +202,14 @@ def generate_text(run, params, prompt: str, *, max_new_tokens: int,
   state = generate.init_sampling(prompt_arr, cache, jax.random.PRNGKey(seed),
                                  max_decode_len=total)
   state = jax.device_put(state, sharding)
-  context = ([] if start_id == tokenizers.EOS_ID else [start_id]) + forced
+  # A reply is a turn of its own, decoded without the prompt's context.
+  context = ([] if template or start_id == tokenizers.EOS_ID
+             else [start_id]) + ([] if template else forced)
   detok = _Detokenizer(tok, context)
   shown = ''
+  shown_prompt = '' if template else prompt
   if stream is not None:
-    stream.write(prompt)
+    stream.write(shown_prompt)
     stream.flush()
   # Streamed text is read back every STREAM_TOKENS tokens, with numpy copies
   # on the host: slicing the device array to a new length would compile a
@@ -211,7 +239,7 @@ def generate_text(run, params, prompt: str, *, max_new_tokens: int,
   if stream is not None:
     stream.write((text[len(shown):] if text.startswith(shown) else '') + '\n')
     stream.flush()
-  return prompt + text
+  return shown_prompt + text
 
 
 def generate_samples(run, params, prompt: str, *, num_samples: int = 1,
@@ -225,3 +253,35 @@ def generate_samples(run, params, prompt: str, *, num_samples: int = 1,
     out.append(generate_text(run, params, prompt, seed=seed + i, stream=stream,
                              **kwargs))
   return out
+
+
+def decode_speed(model_config, params, batch: int, n: int) -> float:
+  """Tokens/s of cached one-token decode steps (after compilation).
+
+  `n` tokens per row (at most max_len) through the KV cache, every row
+  decoding to the end; `transflax bench` reports batch 1 and 32.
+  """
+  n = min(n, model_config.max_len)
+  # As generate_text decodes: XLA attention (one query per step).
+  dmodel = DecoderLM(model_config.replace(decode=True, deterministic=True,
+                                          attention_impl='xla'))
+
+  # Params are an argument: closed over, they would become constants of the
+  # program (GPT-2 small: 500 MB to embed and constant-fold).
+  @jax.jit
+  def run(params, rng):
+    def tokens_to_logits(tokens, cache):
+      logits, mut = dmodel.apply({'params': params, 'cache': cache}, tokens,
+                                 mutable=['cache'])
+      return logits[:, 0], mut['cache']
+    cache = init_cache(dmodel, batch, n)
+    prompt = jnp.zeros((batch, n), jnp.int32)
+    # eos_id -1: no row ends early, every step decodes all rows.
+    return generate.temperature_sample(prompt, cache, tokens_to_logits, rng,
+                                       eos_id=-1, temperature=1.0)
+
+  jax.block_until_ready(run(params, jax.random.PRNGKey(0)))
+  start = time.perf_counter()
+  for seed in range(1, 4):
+    jax.block_until_ready(run(params, jax.random.PRNGKey(seed)))
+  return batch * n * 3 / (time.perf_counter() - start)

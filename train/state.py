@@ -8,12 +8,14 @@ model larger than one device's memory initialises fine.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
+import orbax.checkpoint as ocp
 from flax import linen as nn
 
 from data.errors import UserError
@@ -99,13 +101,7 @@ def abstract_train_state(init_params, tx, seed: int, mesh, rules):
 
   `init_params(rng)` returns the model's (logically boxed) params.
   """
-  boxed = jax.eval_shape(_state_init(init_params, tx), jax.random.PRNGKey(seed))
-  shardings = partitioning.logical_to_sharding(
-      nn.get_partition_spec(boxed), mesh, rules)
-  abstract = jax.tree_util.tree_map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-      nn.unbox(boxed), shardings)
-  return abstract, shardings
+  return abstract_params(_state_init(init_params, tx), seed, mesh, rules)
 
 
 def create_train_state(init_params, tx, seed: int, mesh,
@@ -131,3 +127,47 @@ def count_params(params) -> dict[str, int]:
             for k, v in params.items()}
   counts['total'] = sum(counts.values())
   return counts
+
+
+# -- frozen trees ----------------------------------------------------------------
+#
+# A reference policy or a reward model is read by the loss but never trained:
+# sharded like the trainable tree, passed beside the TrainState, with no
+# optimizer state and no gradient. A run writes each one once, at its start,
+# to workdir/frozen/<name> (not into every checkpoint), and reads it from
+# there when it resumes.
+
+FROZEN_DIR = 'frozen'
+
+
+def abstract_params(init_params, seed: int, mesh, rules):
+  """(ShapeDtypeStructs with shardings, shardings) of `init_params(rng)`,
+  whose result is logically boxed; allocates nothing."""
+  boxed = jax.eval_shape(init_params, jax.random.PRNGKey(seed))
+  shardings = partitioning.logical_to_sharding(
+      nn.get_partition_spec(boxed), mesh, rules)
+  abstract = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      nn.unbox(boxed), shardings)
+  return abstract, shardings
+
+
+def _frozen_path(workdir: str, name: str) -> str:
+  return os.path.abspath(os.path.join(workdir, FROZEN_DIR, name))
+
+
+def save_frozen(workdir: str, name: str, tree) -> None:
+  """Writes a frozen tree once (collective over processes)."""
+  with ocp.StandardCheckpointer() as ckpt:
+    ckpt.save(_frozen_path(workdir, name), tree, force=True)
+
+
+def load_frozen(workdir: str, name: str, abstract):
+  """The frozen tree `name` of a workdir, in `abstract`'s shardings."""
+  path = _frozen_path(workdir, name)
+  if not os.path.isdir(path):
+    raise UserError(f'{path} not found: this workdir\'s frozen {name!r} tree '
+                    f'is written when its run starts; restart the run from '
+                    f'its train.init_from (move {workdir} away)')
+  with ocp.StandardCheckpointer() as ckpt:
+    return ckpt.restore(path, abstract)

@@ -1,10 +1,16 @@
-"""train_step and eval_step: pure functions of (state, batch), jitted with shardings.
+"""The generic train_step and eval_step around a task's loss, jitted with shardings.
 
-`forward(params, batch, rngs) -> (logits [b, l, v], targets [b, l])` is the
-only task-specific piece (train/tasks.py): translation feeds inputs and
-targets to the EncoderDecoder, language modelling feeds tokens to DecoderLM.
-With `train.loss_chunk` an LM returns `objectives.Hidden` instead of the
-logits, and the loss makes them a slice at a time.
+A task (train/tasks) owns its objective:
+
+  loss(params, frozen, batch, rng) -> (loss_sum, weight, metric_sums)
+
+`params` is the trainable tree, `frozen` a dict of parameter trees that are
+read but never trained (a DPO reference, a reward model), `rng` the dropout
+key (None: evaluation, deterministic). The step differentiates `loss_sum`
+with respect to `params` only and divides the gradient once by the whole
+batch's `weight`, so `grad_accum_steps` micro-batches make the same update
+as one large batch; the metric sums are normalised the same way
+(`objectives.normalise`).
 """
 
 from __future__ import annotations
@@ -20,38 +26,39 @@ from flax import linen as nn
 
 from train import objectives, partitioning
 
-# (params, batch, rngs) -> (logits or objectives.Hidden, targets)
-Forward = Callable[[Any, dict, dict],
-                   tuple[jax.Array | objectives.Hidden, jax.Array]]
+# (params, frozen, batch, rng or None) -> (loss_sum, weight, metric_sums)
+Loss = Callable[[Any, dict, dict, Any], tuple[jax.Array, jax.Array, dict]]
 
 
 def _tree_add(a, b):
   return jax.tree_util.tree_map(jnp.add, a, b)
 
 
-def make_train_step(forward: Forward, schedule: optax.Schedule, *,
-                    label_smoothing: float = 0.0, z_loss: float = 0.0,
-                    grad_accum_steps: int = 1):
-  """Returns train_step(state, batch) -> (state, metrics).
+def _rows_constraint(x):
+  """Keeps a micro-batch sharded over its rows: [b, ...] -> ('batch', None...)."""
+  return nn.with_logical_constraint(x, ('batch',) + (None,) * (x.ndim - 1))
 
-  The loss is summed over tokens and divided once by the non-pad target
-  tokens of the whole batch, so `grad_accum_steps` micro-batches give the
-  same update as one large batch. Dropout uses fold_in(state.rng, step).
+
+def make_train_step(loss_fn: Loss, schedule: optax.Schedule, *,
+                    grad_accum_steps: int = 1):
+  """Returns train_step(state, frozen, batch) -> (state, metrics).
+
+  Dropout uses fold_in(state.rng, step) (micro-batch i: fold_in of that, i).
+  Metrics: `loss` (loss_sum / weight), the task's normalised metrics,
+  `grad_norm` and `learning_rate`.
   """
 
-  def loss_sums(params, batch, rng):
-    outputs, targets = forward(params, batch, {'dropout': rng})
-    sums = objectives.token_sums(
-        outputs, targets, objectives.target_weights(targets),
-        label_smoothing=label_smoothing, z_loss=z_loss)
-    return sums['loss'], sums
+  def objective(params, frozen, batch, rng):
+    loss_sum, weight, sums = loss_fn(params, frozen, batch, rng)
+    return loss_sum, (weight, sums)
 
-  grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
 
-  def train_step(state, batch):
+  def train_step(state, frozen, batch):
     rng = jax.random.fold_in(state.rng, state.step)
     if grad_accum_steps == 1:
-      (_, sums), grads = grad_fn(state.params, batch, rng)
+      (loss_sum, (weight, sums)), grads = grad_fn(state.params, frozen, batch,
+                                                  rng)
     else:
       n = grad_accum_steps
       # Micro-batch j takes rows j, j+n, j+2n, ...: every device keeps a
@@ -62,19 +69,22 @@ def make_train_step(forward: Forward, schedule: optax.Schedule, *,
 
       def body(carry, xs):
         i, mb = xs
-        mb = jax.tree_util.tree_map(
-            lambda x: nn.with_logical_constraint(x, ('batch', 'length')), mb)
-        (_, s), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-        return _tree_add(carry, (g, s)), None
+        mb = jax.tree_util.tree_map(_rows_constraint, mb)
+        (l, (w, s)), g = grad_fn(state.params, frozen, mb,
+                                 jax.random.fold_in(rng, i))
+        return _tree_add(carry, (g, l, w, s)), None
 
-      zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-      zero_sums = {k: jnp.zeros((), jnp.float32)
-                   for k in ('loss', 'nll', 'correct', 'weight')}
-      (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums),
-                                      (jnp.arange(n), micro))
-    denom = jnp.maximum(sums['weight'], 1.0)
+      first = jax.tree_util.tree_map(lambda x: x[0], micro)
+      loss_shape, (weight_shape, sums_shape) = jax.eval_shape(
+          objective, state.params, frozen, first, rng)
+      zeros = jax.tree_util.tree_map(
+          lambda s: jnp.zeros(s.shape, s.dtype),
+          (state.params, loss_shape, weight_shape, sums_shape))
+      (grads, loss_sum, weight, sums), _ = jax.lax.scan(
+          body, zeros, (jnp.arange(n), micro))
+    denom = jnp.maximum(weight, 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
-    metrics = objectives.normalise(sums)
+    metrics = {'loss': loss_sum / denom, **objectives.normalise(sums, weight)}
     metrics['grad_norm'] = optax.global_norm(grads)
     metrics['learning_rate'] = jnp.asarray(schedule(state.step), jnp.float32)
     return state.apply_gradients(grads), metrics
@@ -82,15 +92,24 @@ def make_train_step(forward: Forward, schedule: optax.Schedule, *,
   return train_step
 
 
-def make_eval_step(forward: Forward):
-  """Returns eval_step(params, batch) -> token sums (loss = plain cross-entropy)."""
+def make_eval_step(eval_fn: Loss):
+  """Returns eval_step(params, frozen, batch) -> (loss_sum, weight, sums):
+  the task's evaluation sums, deterministic (rng None), to be added over
+  batches and normalised once (`normalise_eval`)."""
 
-  def eval_step(params, batch):
-    outputs, targets = forward(params, batch, {})
-    return objectives.token_sums(outputs, targets,
-                                 objectives.target_weights(targets))
+  def eval_step(params, frozen, batch):
+    return eval_fn(params, frozen, batch, None)
 
   return eval_step
+
+
+def normalise_eval(totals) -> dict[str, float]:
+  """Summed eval_step outputs -> {'loss', metrics...} as Python floats."""
+  loss_sum, weight, sums = totals
+  out = {'loss': loss_sum / jnp.maximum(weight, 1.0),
+         **objectives.normalise(sums, weight)}
+  return {k: float(v.value if isinstance(v, objectives.Total) else v)
+          for k, v in out.items()}
 
 
 # XLA:CPU hands dots to YNNPACK by default; for the float32 matmuls of a
@@ -113,17 +132,31 @@ def compiler_options() -> dict[str, str]:
   return dict(_CPU_OPTIONS)
 
 
-def jit_train_step(train_step, state_shardings, mesh, rules):
-  """jit with explicit shardings and the state donated (updated in place)."""
+class Jitted:
+  """A jitted step called under the mesh and the logical-axis rules.
+
+  `jitted` is the `jax.jit` object (its `_cache_size()` counts compiled
+  programs: the tests check a run compiles its eval step once).
+  """
+
+  def __init__(self, jitted, mesh, rules):
+    self.jitted, self.mesh, self.rules = jitted, mesh, rules
+
+  def __call__(self, *args):
+    with self.mesh, nn.logical_axis_rules(self.rules):
+      return self.jitted(*args)
+
+
+def jit_train_step(train_step, state_shardings, frozen_shardings, mesh, rules
+                   ) -> Jitted:
+  """jit with explicit shardings and the state donated (updated in place);
+  the frozen trees are read, never donated."""
   batch = partitioning.batch_sharding(mesh)
-  jitted = jax.jit(train_step, in_shardings=(state_shardings, batch),
+  jitted = jax.jit(train_step,
+                   in_shardings=(state_shardings, frozen_shardings, batch),
                    out_shardings=(state_shardings, partitioning.replicated(mesh)),
                    donate_argnums=(0,), compiler_options=compiler_options())
-
-  def run(state, batch_arrays):
-    with mesh, nn.logical_axis_rules(rules):
-      return jitted(state, batch_arrays)
-  return run
+  return Jitted(jitted, mesh, rules)
 
 
 class InFlight:
@@ -158,13 +191,11 @@ class InFlight:
       jax.block_until_ready(self._queue.popleft())
 
 
-def jit_eval_step(eval_step, params_shardings, mesh, rules):
+def jit_eval_step(eval_step, params_shardings, frozen_shardings, mesh,
+                  rules) -> Jitted:
   batch = partitioning.batch_sharding(mesh)
-  jitted = jax.jit(eval_step, in_shardings=(params_shardings, batch),
+  jitted = jax.jit(eval_step,
+                   in_shardings=(params_shardings, frozen_shardings, batch),
                    out_shardings=partitioning.replicated(mesh),
                    compiler_options=compiler_options())
-
-  def run(params, batch_arrays):
-    with mesh, nn.logical_axis_rules(rules):
-      return jitted(params, batch_arrays)
-  return run
+  return Jitted(jitted, mesh, rules)
