@@ -247,6 +247,25 @@ LINES = ['A dog.', 'Two men are playing soccer in a big green park.',
          'The cat sleeps on a warm chair.', 'Two people walk.']
 
 
+def test_average_last_beyond_the_checkpoints_averages_what_exists(
+    tmp_path, caplog, monkeypatch):
+  """multi30k.py:smoke stopped at step 2 has one checkpoint, not the
+  average_last=2 to average: a warning, not a failure at the very end."""
+  import logging
+  from experiments import multi30k
+  from train import loop
+  monkeypatch.setenv('TRANSFLAX_DATA', str(data_root()))
+  config = multi30k.get_config('smoke')
+  config.train.num_steps = 2
+  config.decode.test_sentences = 2
+  config.lock()
+  with caplog.at_level(logging.WARNING):
+    final = loop.train_and_evaluate(config, str(tmp_path / 'w'))
+  assert final['averaged_last'] == 1
+  assert 'train.average_last=2 but' in caplog.text
+  assert (tmp_path / 'w' / 'checkpoints_avg' / '2').is_dir()
+
+
 def test_translate_file_one_line_per_line(workdir, tmp_path):
   lines = ['A man sleeps.', '', 'Two dogs run in the park.', '   ', 'Hello',
            '']
