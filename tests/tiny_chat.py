@@ -15,6 +15,8 @@ import pathlib
 
 import numpy as np
 
+import tiny_run
+
 WORDS = ('the', 'cat', 'sat', 'on', 'a', 'mat', 'dog', 'ran', 'far', 'and',
          'red', 'blue', 'big', 'small', 'sun', 'moon')
 
@@ -107,16 +109,4 @@ def write(directory: pathlib.Path, *, sources: dict[str, str]) -> str:
 
 def load_config(path: str, stage: str, **overrides):
   """get_config(stage) of the experiment file, with dotted-key overrides."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location('tiny_chat_experiment', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(stage)
-  for key, value in overrides.items():
-    *parents, leaf = key.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  config.lock()
-  return config
+  return tiny_run.load_config(path, stage, **overrides)

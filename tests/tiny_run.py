@@ -92,12 +92,12 @@ def write_experiment(directory: pathlib.Path, num_blocks: int = 64) -> str:
   return str(path)
 
 
-def load_config(path: str, **overrides):
-  """get_config() of the experiment file, with dotted-key overrides."""
+def load_config(path: str, arg: str | None = None, **overrides):
+  """get_config(arg) of the experiment file, with dotted-key overrides."""
   spec = importlib.util.spec_from_file_location('tiny_experiment', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  config = module.get_config() if arg is None else module.get_config(arg)
   for key, value in overrides.items():
     *parents, leaf = key.split('.')
     node = config
@@ -113,10 +113,13 @@ def flags(**overrides) -> list[str]:
   return [f'--config.{k}={v}' for k, v in overrides.items()]
 
 
-# Subprocesses of one test session compile the same programs: a shared
-# persistent compilation cache saves most of their start-up on 2 CPU cores.
-_COMPILATION_CACHE = tempfile.mkdtemp(prefix='transflax-test-jax-cache-')
-atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
+# Subprocesses of one test session compile the same programs as each other
+# and as the in-process tests: they share conftest.py's persistent
+# compilation cache, which saves most of their start-up on 2 CPU cores.
+_COMPILATION_CACHE = os.environ.get('JAX_COMPILATION_CACHE_DIR')
+if not _COMPILATION_CACHE:  # imported outside pytest
+  _COMPILATION_CACHE = tempfile.mkdtemp(prefix='transflax-test-jax-cache-')
+  atexit.register(shutil.rmtree, _COMPILATION_CACHE, ignore_errors=True)
 
 
 def env(num_devices: int = 8) -> dict[str, str]:
