@@ -162,6 +162,10 @@ def test_the_dpo_reference_is_frozen(chain):
   n = state_lib.count_params(state.params)['total']
   moments = sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim)
   assert moments == 2 * n  # Adam's mu and nu of the policy, nothing else
+  # The loss measures the policy against that fixed reference: as the policy
+  # moves, it leaves log 2 (against a copy of itself it never would).
+  losses = tiny_run.losses(tiny_run.metrics(workdirs['dpo']))
+  assert losses[12] < np.log(2) - 1e-3, losses
   run.ckpt.close()
 
 
@@ -423,3 +427,47 @@ def test_a_reward_model_of_human_sentiment_is_judged_beside_vader(chain,
   scores = run.task.score_texts(run, params, responses)
   assert step == 4 and abs(float(np.nanmean(scores))) < 1e-4
   assert abs(results['reward/offset']) > 1e-3  # the shift did something
+
+
+def test_a_frozen_tree_from_another_run_is_copied_whole(chain, tmp_path):
+  """A frozen tree named by a workdir (as PPO's reward model will be) is that
+  run's parameters exactly; one it cannot fill completely is an error."""
+  from train import tasks
+  from train.tasks import reward, sft
+  experiment, workdirs, _ = chain
+
+  class Anchored(sft.SFT):
+    name = 'test_anchored_sft'
+
+    def frozen_sources(self):
+      return {'anchor': str(workdirs['pretrain'])}
+
+  class AnchoredReward(reward.RewardModel):
+    name = 'test_anchored_reward'
+
+    def frozen_sources(self):  # a reward model's head is not in an LM
+      return {'anchor': str(workdirs['pretrain'])}
+
+  for cls in (Anchored, AnchoredReward):
+    tasks.REGISTRY[cls.name] = cls
+  try:
+    config = tiny_chat.load_config(experiment, 'sft',
+                                   task='test_anchored_sft')
+    run = loop.Run(config, str(tmp_path / 'a'), devices=jax.devices()[:1])
+    run.restore_or_init()
+    _, want, _ = params_of(tiny_chat.load_config(experiment, 'pretrain'),
+                           workdirs['pretrain'])
+    got = flat(jax.device_get(run.frozen['anchor']))
+    assert set(got) == set(flat(want))
+    for key, value in flat(want).items():
+      np.testing.assert_array_equal(got[key], value, err_msg=key)
+    run.ckpt.close()
+    config = tiny_chat.load_config(experiment, 'reward',
+                                   task='test_anchored_reward')
+    run = loop.Run(config, str(tmp_path / 'b'), devices=jax.devices()[:1])
+    with pytest.raises(UserError, match='lacks parameters.*head/'):
+      run.restore_or_init()
+    run.ckpt.close()
+  finally:
+    for cls in (Anchored, AnchoredReward):
+      tasks.REGISTRY.pop(cls.name)

@@ -130,11 +130,14 @@ def _model_diff(source: Source, model: dict) -> str:
   return '; '.join(diffs)
 
 
-def load_params(source: Source, params, *, workdir: str, model: dict):
+def load_params(source: Source, params, *, workdir: str, model: dict,
+                require_all: bool = False):
   """`params` (the new run's, sharded) with every leaf whose path the source
   has replaced by the source's value, restored straight into its sharding.
 
   `model`: the new run's TransformerConfig as a dict (named in errors).
+  `require_all`: every leaf must come from the source (a frozen tree has no
+  training to fill the rest in).
   Returns (params, a one-line report of what was copied, left fresh, unused).
   """
   theirs = _source_params(source)
@@ -154,6 +157,13 @@ def load_params(source: Source, params, *, workdir: str, model: dict):
                                  if diff else '')
         + ' Give this run the source\'s model settings, or start from '
         'another run.')
+  missing = [k for k in ours if k not in theirs]
+  if require_all and missing:
+    raise UserError(
+        f'{source.describe()} lacks parameters this run needs from it: '
+        f'{", ".join(missing[:3])}' + (f' (and {len(missing) - 3} more)'
+                                      if len(missing) > 3 else '')
+        + f'; give a workdir of the model {workdir} expects')
   item: dict[str, Any] = {}
   for k in shared:  # nested dict of the shared leaves, with our shardings
     node = item
@@ -170,7 +180,7 @@ def load_params(source: Source, params, *, workdir: str, model: dict):
   restored = ocp.PyTreeCheckpointer().restore(source.state_dir, args=args)
   loaded = {_key(p): v for p, v in jax.tree_util.tree_flatten_with_path(
       restored['params'])[0]}
-  fresh = [k for k in ours if k not in theirs]
+  fresh = missing
   unused = [k for k in theirs if k not in ours]
   copied = sum(int(np.prod(ours[k].shape)) for k in shared)
   report = (f'init_from {source.describe()}: copied {len(shared)} arrays '

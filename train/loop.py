@@ -148,7 +148,8 @@ class Run:
         source = init_from.resolve(spec)
         tree, report = init_from.load_params(
             source, jax.tree.map(jnp.zeros_like, params),
-            workdir=self.workdir, model=self.model_config.to_dict())
+            workdir=self.workdir, model=self.model_config.to_dict(),
+            require_all=True)
         logging.info('frozen %s: %s', name, report)
       # A copy: the TrainState's params are donated to the first step.
       tree = jax.tree.map(jnp.copy, tree)
@@ -185,16 +186,20 @@ class Run:
           self.frozen_shardings, self.mesh, self.rules)
     return self._eval_step
 
-  def evaluate_loss(self, params, split: str) -> dict[str, float]:
-    """The task's eval metrics over a split, as `eval/<name>`."""
+  def evaluate_loss(self, params, split: str,
+                    max_batches: int | None = None) -> dict[str, float]:
+    """The task's eval metrics over a split, as `eval/<name>`; at most
+    `max_batches` batches (default train.max_eval_batches; 0: all)."""
     t = self.config.train
+    if max_batches is None:
+      max_batches = t.max_eval_batches
     _, batches = self.task.eval_batches(
         split, self.local_batch_size(t.eval_batch_size, 'train.eval_batch_size'),
         jax.process_index(), jax.process_count())
     frozen = self.frozen
     totals, in_flight = None, step_lib.InFlight()
     for i, batch in enumerate(batches):
-      if t.max_eval_batches and i >= t.max_eval_batches:
+      if max_batches and i >= max_batches:
         break
       sums = self.eval_step(params, frozen, self.global_batch(batch))
       totals = sums if totals is None else jax.tree_util.tree_map(

@@ -28,21 +28,20 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
-from data import pipeline, preferences
+from data import preferences
 from data.errors import UserError
 from train import metrics as metrics_lib, objectives
 from train.tasks import base, register
 from train.tasks.lm import DecoderTask
-from train.tasks.reward import rankings
+from train.tasks.reward import PreferenceData
 
 KEYS = ('inputs', 'targets', 'loss_mask', 'inputs_segmentation',
         'inputs_position')
 
 
 @register
-class DPO(DecoderTask):
+class DPO(PreferenceData, DecoderTask):
   """A DecoderLM policy trained on preference pairs with DPO."""
   name = 'dpo'
   batch_keys = KEYS
@@ -118,38 +117,23 @@ class DPO(DecoderTask):
     return {k: v for k, v in m.items() if k != 'tokens'}
 
   # -- data -----------------------------------------------------------------
-  def pairs(self, split: str) -> list[preferences.Ranking]:
-    return preferences.as_pairs(rankings(self.config, self.root, split))
-
   def rows(self, split: str) -> list[dict]:
+    """Every comparison of the split's rankings as a pair (chosen, rejected)."""
     rows, _ = preferences.pair_rows(
-        self.chat_template, self.tokenizer, self.pairs(split),
+        self.chat_template, self.tokenizer,
+        preferences.as_pairs(self.rankings(split)),
         max_length=self.config.data.max_length, what=f'dpo {split}')
     if not rows:
       raise UserError(f'dpo {split}: no pair fits data.max_length='
                       f'{self.config.data.max_length}')
     return rows
 
-  def train_dataset(self, batch_size: int, shard_index: int, shard_count: int):
-    rows = self.rows(self.config.data.train_split)
-    logging.info('dpo: %d training pairs', len(rows))
-    return pipeline.examples_train(rows, batch_size=batch_size,
-                                   seed=self.config.train.seed,
-                                   shard_index=shard_index,
-                                   shard_count=shard_count)
-
-  def eval_batches(self, split: str, batch_size: int, shard_index: int,
-                   shard_count: int):
-    return None, pipeline.examples_eval_batches(
-        self.rows(split), batch_size=batch_size, shard_index=shard_index,
-        shard_count=shard_count)
-
   # -- the finished model ---------------------------------------------------------
   def at_end(self, run, state, step):
-    """Held-out pairs (data.test_split): implicit-reward accuracy and KL."""
+    """Every held-out pair (data.test_split): implicit-reward accuracy, KL."""
     out = super().at_end(run, state, step)
     split = self.config.data.test_split
-    held = run.evaluate_loss(state.params, split)
+    held = run.evaluate_loss(state.params, split, max_batches=0)
     out.update({k.replace('eval/', f'test/'): v for k, v in held.items()})
     if jax.process_index() == 0:
       print(f'held-out pairs ({split}): ' + ', '.join(

@@ -58,8 +58,31 @@ def rankings(config, root, split: str) -> list[preferences.Ranking]:
                   f'for task {config.task}')
 
 
+class PreferenceData:
+  """The data side of tasks that learn from preferences (reward, dpo): the
+  rankings of a split, and `rows(split)` of fixed shape, batched whole."""
+
+  def rankings(self, split: str) -> list[preferences.Ranking]:
+    return rankings(self.config, self.root, split)
+
+  def rows(self, split: str) -> list[dict]:
+    raise NotImplementedError
+
+  def train_dataset(self, batch_size: int, shard_index: int, shard_count: int):
+    return pipeline.examples_train(
+        self.rows(self.config.data.train_split), batch_size=batch_size,
+        seed=self.config.train.seed, shard_index=shard_index,
+        shard_count=shard_count)
+
+  def eval_batches(self, split: str, batch_size: int, shard_index: int,
+                   shard_count: int):
+    return None, pipeline.examples_eval_batches(
+        self.rows(split), batch_size=batch_size, shard_index=shard_index,
+        shard_count=shard_count)
+
+
 @register
-class RewardModel(base.Task):
+class RewardModel(PreferenceData, base.Task):
   """A scalar reward model trained on K-way rankings."""
   name = 'reward'
   module_class = ScalarLM
@@ -100,9 +123,6 @@ class RewardModel(base.Task):
     return loss_sum, weight, metrics
 
   # -- data -----------------------------------------------------------------
-  def rankings(self, split: str) -> list[preferences.Ranking]:
-    return rankings(self.config, self.root, split)
-
   def rows(self, split: str) -> list[dict]:
     rows, _ = preferences.ranking_rows(
         self.chat_template, self.tokenizer, self.rankings(split),
@@ -112,18 +132,6 @@ class RewardModel(base.Task):
       raise UserError(f'reward {split}: no ranking fits data.max_length='
                       f'{self.config.data.max_length}')
     return rows
-
-  def train_dataset(self, batch_size: int, shard_index: int, shard_count: int):
-    return pipeline.examples_train(
-        self.rows(self.config.data.train_split), batch_size=batch_size,
-        seed=self.config.train.seed, shard_index=shard_index,
-        shard_count=shard_count)
-
-  def eval_batches(self, split: str, batch_size: int, shard_index: int,
-                   shard_count: int):
-    return None, pipeline.examples_eval_batches(
-        self.rows(split), batch_size=batch_size, shard_index=shard_index,
-        shard_count=shard_count)
 
   # -- scoring texts ------------------------------------------------------------
   def score_texts(self, run, params, texts: list[str], prompt=()) -> np.ndarray:
