@@ -131,6 +131,16 @@ def test_vocabulary_mismatch_is_one_error_naming_both(chain, tmp_path):
   assert str(other) in errors[0] and str(workdirs['pretrain']) in errors[0]
 
 
+def test_a_missing_source_is_one_error_line(chain, tmp_path):
+  experiment, _, _ = chain
+  r = tiny_run.cli('train', '--config', f'{experiment}:sft', '--workdir',
+                   str(tmp_path / 'w'), '--config.train.init_from=/nonexistent')
+  assert r.returncode == 2
+  assert r.stderr.splitlines() == [
+      'error: train.init_from=/nonexistent: /nonexistent/config.json not '
+      'found; give the --workdir of a run that `transflax train` wrote']
+
+
 def test_shape_mismatch_is_one_error_naming_both(chain, tmp_path):
   experiment, workdirs, _ = chain
   config = tiny_chat.load_config(experiment, 'sft', **{'model.d_model': 16})

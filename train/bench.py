@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data.errors import UserError
-from train import metrics as metrics_lib
+from train import init_from, metrics as metrics_lib
 from train import partitioning, state as state_lib, step as step_lib, tasks
 
 
@@ -28,7 +28,11 @@ def _setup(config, with_tokenizer: bool | None = None):
   rules = partitioning.rules_from_config(m.rules)
   if with_tokenizer is None:
     with_tokenizer = not config.model.vocab_size
-  task = tasks.make_task(config, None, with_tokenizer=with_tokenizer)
+  # A stage that starts from another run takes that run's tokenizer.
+  spec = config.train.get('init_from', '')
+  source = init_from.resolve(spec) if spec and with_tokenizer else None
+  task = tasks.make_task(config, None, with_tokenizer=with_tokenizer,
+                         source=source)
   schedule = state_lib.make_schedule(config.optimizer, task.model_config.d_model,
                                      config.train.num_steps)
   tx = state_lib.make_optimizer(config.optimizer, schedule)

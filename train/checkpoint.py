@@ -44,11 +44,15 @@ StepSpec = int | Literal['latest', 'best'] | None
 _ITEMS = ('state', 'data', 'meta')
 
 
-# Orbax warnings that describe what this module does on purpose: saves
-# without metrics, and the read-only managers of evaluators and averaging.
+# Orbax warnings that describe what this code does on purpose: saves
+# without metrics, the read-only managers of evaluators and averaging, and
+# init_from's read of one item of a step.
 _BENIGN_ORBAX_WARNINGS = (
     'did not provide metrics',
     'Given directory is read only',
+    # init_from reads a step's `state` item on its own, below the step
+    # directory that holds this file (train/init_from.py).
+    'Metadata file does not exist',
 )
 
 
@@ -144,6 +148,13 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    # Orbax's close() does not wait for the clean-up of temporary directories
+    # that a writable manager starts in the background; a process that exits
+    # right after (an early user error) would print that thread's traceback.
+    await_cleanup = getattr(self._manager, '_maybe_await_cleanup_tmp_directory',
+                            None)
+    if await_cleanup is not None:
+      await_cleanup()
     self._manager.close()
 
   def __enter__(self) -> Checkpointer:

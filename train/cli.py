@@ -37,7 +37,8 @@ flags.DEFINE_string('output', None, 'translate: output file (default stdout)')
 flags.DEFINE_integer('beam_size', None, 'beam size (default: the config\'s)')
 flags.DEFINE_float('alpha', None, 'length penalty alpha (default: the config\'s)')
 flags.DEFINE_integer('batch_size', None, 'sentences per decoding batch')
-flags.DEFINE_string('split', None, 'eval: split (default: the config\'s test split)')
+flags.DEFINE_string('split', None, 'eval: split (default: the config\'s test '
+                    'split for translation, its eval split otherwise)')
 flags.DEFINE_string('prompt', None, 'generate: prompt text')
 flags.DEFINE_integer('max_new_tokens', None, 'generate: tokens to sample')
 flags.DEFINE_float('temperature', None, 'generate: 0 = greedy')
@@ -240,6 +241,10 @@ def _parse_flags(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
+  if any(a in ('-h', '--help', '--helpfull') for a in argv[1:]):
+    print(__doc__)
+    print(FLAGS.get_help(include_special_flags=False))
+    return 0
   if len(argv) < 2 or argv[1] not in COMMANDS:
     print(f'usage: transflax {{{",".join(COMMANDS)}}} [flags]; see the '
           f'module docstring of train/cli.py', file=sys.stderr)

@@ -72,8 +72,7 @@ def resolve(spec: str) -> Source:
   config_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(config_path):
     raise UserError(f'train.init_from={spec}: {config_path} not found; give '
-                    f'the --workdir of a run that `transflax train` (or '
-                    f'`transflax import`) wrote')
+                    f'the --workdir of a run that `transflax train` wrote')
   with open(config_path) as f:
     train_cfg = json.load(f).get('train', {})
   subdir = 'checkpoints_avg' if which == 'average' else 'checkpoints'

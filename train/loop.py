@@ -67,9 +67,13 @@ class Run:
         best_metric=config.train.best_metric or None,
         best_mode=config.train.best_mode, read_only=not for_training)
     spec = config.train.get('init_from', '')
-    self.source = (init_from.resolve(spec) if spec and for_training
-                   and self.ckpt.latest_step() is None else None)
-    self.task = tasks.make_task(config, workdir, source=self.source)
+    try:
+      self.source = (init_from.resolve(spec) if spec and for_training
+                     and self.ckpt.latest_step() is None else None)
+      self.task = tasks.make_task(config, workdir, source=self.source)
+    except BaseException:
+      self.ckpt.close()  # else Orbax's threads outlive the error's exit
+      raise
     self.model_config = self.task.model_config
     num_steps = config.train.num_steps
     self.schedule = state_lib.make_schedule(config.optimizer,
@@ -250,7 +254,11 @@ def train_and_evaluate(config, workdir: str, *, evaluate_at_end: bool = True,
   run = Run(config, workdir, devices=devices)
   # Restoring first refuses another model's workdir before anything in it
   # (config.json included) is overwritten.
-  step, state, data_state = run.restore_or_init()
+  try:
+    step, state, data_state = run.restore_or_init()
+  except BaseException:
+    run.ckpt.close()
+    raise
   write_config(config, workdir, run.model_config)
   counts = run.param_counts
   logging.info('parameters: %s', counts)

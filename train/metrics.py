@@ -68,8 +68,8 @@ def peak_flops_per_device(device: Any, override: float | None = None
   if kind not in _warned_kinds:
     _warned_kinds.add(kind)
     logging.warning('Unknown peak FLOP/s for device kind %r: MFU is not '
-                    'reported. Set the peak-FLOPs config flag to enable it.',
-                    kind)
+                    'reported (train/mfu is null). Give the peak per device '
+                    'with --config.metrics.peak_flops to enable it.', kind)
   return None
 
 

@@ -203,10 +203,10 @@ class Task:
 
   def evaluate_split(self, run, params, split: str | None,
                      **options) -> dict[str, Any]:
-    """`transflax eval`: the loss metrics over a split (default: eval_split);
-    `options` are decoding flags some tasks take (beam_size, ...)."""
+    """`transflax eval`: the loss metrics over a whole split (default: the
+    eval split); `options` are decoding flags some tasks take (beam_size)."""
     split = split or self.config.data.eval_split
-    return {'split': split, **run.evaluate_loss(params, split)}
+    return {'split': split, **run.evaluate_loss(params, split, max_batches=0)}
 
   def meta(self) -> dict[str, Any]:
     """Task-specific entries of every checkpoint's meta (JSON)."""
