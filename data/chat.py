@@ -53,6 +53,9 @@ class ChatTemplate:
   header: dict[str, tuple[str, str]]
   end: str
   separator: str = ''
+  # A system turn put first when a conversation has none (SmolLM2's
+  # template does this; ours have none).
+  default_system: str = ''
 
   @property
   def pieces(self) -> tuple[str, ...]:
@@ -66,12 +69,21 @@ class ChatTemplate:
   def to_json(self) -> dict[str, Any]:
     return {'name': self.name, 'header': {k: list(v) for k, v in
                                           self.header.items()},
-            'end': self.end, 'separator': self.separator}
+            'end': self.end, 'separator': self.separator,
+            'default_system': self.default_system}
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> 'ChatTemplate':
     return cls(d['name'], {k: tuple(v) for k, v in d['header'].items()},
-               d['end'], d.get('separator', ''))
+               d['end'], d.get('separator', ''), d.get('default_system', ''))
+
+  def with_system(self, messages: Sequence[dict]) -> list[dict]:
+    """`messages`, with the default system turn first if they start without
+    one."""
+    messages = list(messages)
+    if self.default_system and messages and messages[0].get('role') != 'system':
+      return [{'role': 'system', 'content': self.default_system}] + messages
+    return messages
 
   # -- ids ---------------------------------------------------------------------
   def _ids(self, tokenizer, text: str) -> list[int]:
@@ -95,6 +107,7 @@ class ChatTemplate:
     """`render` of many conversations, with one tokenizer call for all text."""
     for messages in conversations:
       check_messages(messages)
+    conversations = [self.with_system(c) for c in conversations]
     texts = [m['content'] for c in conversations for m in c]
     encoded = iter(tokenizer.encode(texts, add_eos=False) if texts else [])
     end = self.end_id(tokenizer)

@@ -1,4 +1,5 @@
-"""Tokenizers: SentencePiece subwords for translation, characters for nanoGPT parity.
+"""Tokenizers: SentencePiece subwords for translation, characters for nanoGPT
+parity, and imported checkpoints' byte-level BPE (`BPETokenizer`).
 
 Special ids are fixed for every tokenizer, so the model, the loss and the
 pipeline can rely on them without a tokenizer at hand:
@@ -49,10 +50,21 @@ _UNKNOWN_ID_TEXT = '\ufffd'
 
 
 class _Base:
-  """What both tokenizers share: batching conventions, EOS/PAD handling, I/O."""
+  """What every tokenizer shares: batching conventions, EOS/PAD handling, I/O.
+
+  The special ids are attributes: ours are the fixed ids above; an imported
+  tokenizer (`BPETokenizer`) has its checkpoint's, and may have no PAD.
+  """
 
   vocab_size: int
   serialized: bytes
+  pad_id: int | None = PAD_ID
+  eos_id: int = EOS_ID
+  bos_id: int | None = BOS_ID
+  unk_id: int | None = UNK_ID
+  # Whether an LM's documents start with BOS (imported Llama-family
+  # checkpoints say; ours start a document after EOS instead).
+  add_bos: bool = False
 
   def _encode(self, texts: list[str], add_eos: bool) -> list[list[int]]:
     raise NotImplementedError
@@ -76,9 +88,11 @@ class _Base:
     texts = []
     for row in ids:
       row = np.asarray(row, dtype=np.int64).reshape(-1)
-      eos = np.flatnonzero(row == EOS_ID)
+      eos = np.flatnonzero(row == self.eos_id)
       row = row[:eos[0]] if eos.size else row
-      texts.append(self._decode(row[row != PAD_ID].tolist()))
+      if self.pad_id is not None:
+        row = row[row != self.pad_id]
+      texts.append(self._decode(row.tolist()))
     return texts
 
   def save(self, path: str | os.PathLike) -> None:
@@ -96,13 +110,16 @@ class _Base:
     return _Base.from_serialized(data, name=str(path))
 
   @staticmethod
-  def from_serialized(data: bytes, name: str = '<bytes>') -> 'Tokenizer | CharTokenizer':
+  def from_serialized(data: bytes, name: str = '<bytes>'):
     """The tokenizer whose `serialized` is `data`.
 
     A SentencePiece model is a protobuf starting with field 1 (tag 0x0a); a
-    CharTokenizer is JSON starting with '{', so the first byte decides.
+    CharTokenizer or BPETokenizer is JSON starting with '{' whose "format"
+    names the class.
     """
     if data[:1] == b'{':
+      if data.startswith(b'{"format": "' + _BPE_FORMAT.encode()):
+        return BPETokenizer._from_json(data, name)
       return CharTokenizer._from_json(data, name)
     return Tokenizer(data, name=name)
 
@@ -195,6 +212,77 @@ class CharTokenizer(_Base):
     return ''.join(
         self.chars[i - NUM_SPECIAL] if NUM_SPECIAL <= i < self.vocab_size
         else '' if i == BOS_ID else _UNKNOWN_ID_TEXT for i in ids)
+
+
+_BPE_FORMAT = 'transflax.BPETokenizer'
+
+
+class BPETokenizer(_Base):
+  """A pretrained checkpoint's tokenizer (byte-level BPE: GPT-2, Llama 3,
+  SmolLM2), run by Hugging Face `tokenizers` from its `tokenizer.json`.
+
+  Ids are the checkpoint's own, special ids included (`eos_id`, ...; `pad_id`
+  may be None: GPT-2 has none, and its id 0 is "!"). `piece_id` finds the
+  special tokens a chat template uses (`<|im_start|>`); encoding text never
+  produces them (`encode` does not parse special tokens out of text), so a
+  user who types "<|im_end|>" types text, as with our control pieces.
+  Decoding skips special tokens, as SentencePiece does control pieces.
+  """
+
+  def __init__(self, tokenizer_json: str, *, eos_id: int,
+               bos_id: int | None = None, pad_id: int | None = None,
+               unk_id: int | None = None, add_bos: bool = False,
+               vocab_size: int | None = None, name: str = '<bytes>'):
+    from tokenizers import Tokenizer as _HFTokenizer
+    try:
+      self._tok = _HFTokenizer.from_str(tokenizer_json)
+    except Exception as e:  # pylint: disable=broad-except
+      raise UserError(f'{name}: not a Hugging Face tokenizer.json ({e})') from None
+    self.vocab_size = vocab_size or self._tok.get_vocab_size(
+        with_added_tokens=True)
+    self.eos_id, self.bos_id, self.pad_id, self.unk_id = (eos_id, bos_id,
+                                                          pad_id, unk_id)
+    self.add_bos = add_bos
+    self._json = tokenizer_json
+    self.serialized = json.dumps(
+        {'format': _BPE_FORMAT, 'version': 1, 'eos_id': eos_id,
+         'bos_id': bos_id, 'pad_id': pad_id, 'unk_id': unk_id,
+         'add_bos': add_bos, 'vocab_size': self.vocab_size,
+         'tokenizer': tokenizer_json}, ensure_ascii=True).encode('ascii')
+
+  @classmethod
+  def _from_json(cls, data: bytes, name: str) -> 'BPETokenizer':
+    try:
+      spec = json.loads(data)
+      keys = ('eos_id', 'bos_id', 'pad_id', 'unk_id', 'add_bos', 'vocab_size')
+      return cls(spec['tokenizer'], name=name, **{k: spec[k] for k in keys})
+    except (ValueError, KeyError, TypeError) as e:
+      raise UserError(f'{name} is not a saved BPETokenizer ({e!r}); import '
+                      f'the checkpoint again (`transflax import`).') from None
+
+  @property
+  def tokenizer_json(self) -> str:
+    """The Hugging Face tokenizer.json it runs (written by `export`)."""
+    return self._json
+
+  def _encode(self, texts, add_eos):
+    rows = [e.ids for e in self._tok.encode_batch(texts,
+                                                  add_special_tokens=False)]
+    return [r + [self.eos_id] for r in rows] if add_eos else rows
+
+  def piece_id(self, piece: str) -> int | None:
+    """The id of special token `piece` (a chat template's), or None."""
+    i = self._tok.token_to_id(piece)
+    return i if i is not None and piece in self._specials() else None
+
+  def _specials(self) -> set[str]:
+    return {t.content for t in self._tok.get_added_tokens_decoder().values()
+            if t.special}
+
+  def _decode(self, ids):
+    known = [i for i in ids if 0 <= i < self._tok.get_vocab_size(True)]
+    text = self._tok.decode(known, skip_special_tokens=True)
+    return text if len(known) == len(ids) else text + _UNKNOWN_ID_TEXT
 
 
 load = _Base.load

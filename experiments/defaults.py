@@ -62,7 +62,13 @@ def get_config(preset: str = 'transformer_base') -> ml_collections.ConfigDict:
   # TransformerConfig fields; vocab_size 0 = the tokenizer's size.
   c.model = ml_collections.ConfigDict(get_preset(preset).to_dict())
   c.model.vocab_size = 0
-  c.model.head_dim = ml_collections.config_dict.placeholder(int)
+  # Fields whose default is None get a typed placeholder, so a
+  # --config.model.<field>=... override is accepted and type-checked.
+  placeholder = ml_collections.config_dict.placeholder
+  for field, kind in (('head_dim', int), ('num_kv_heads', int),
+                      ('qkv_bias', bool), ('out_bias', bool),
+                      ('mlp_bias', bool)):
+    c.model[field] = placeholder(kind) if c.model[field] is None else c.model[field]
 
   c.train = ml_collections.ConfigDict()
   c.train.num_steps = 100_000

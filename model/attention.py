@@ -1,16 +1,24 @@
 """Scaled dot-product and multi-head attention, masks, and the KV cache.
 
 Shape legend: b batch, q query length, s key/value length, d d_model,
-h heads, k head dim.
+h heads, n kv heads, g query heads per kv head (h = n g), k head dim.
 
 Masks are boolean [b, 1, q, s] (True = may attend) and are applied with a
 select against the most negative float32, never by adding a large constant, so
 bf16/fp16 inputs stay finite. Softmax runs in float32.
 
-Decode mode (`config.decode`): self-attention appends the new token's key and
-value to a cache of length L (fixed when the cache is initialised with a
-full-length call) at `decode_index`; cross-attention projects the encoder
-output once, at index 0, and reuses it for every later step.
+Grouped-query attention (`num_kv_heads` < `num_heads`): query heads come in
+groups of g = h / kv_heads sharing one key/value head; keys and values are
+never repeated in memory, the group is an axis of the score einsums.
+
+Decode mode (`config.decode`): self-attention writes the keys and values of
+the n >= 1 tokens of a call into a cache of length L (fixed when the cache is
+initialised with a full-length call) at slots `decode_index`..+n-1, with
+whether each is a real token (a left-padded prompt's padding is not), and
+every query sees the real slots up to its own. One call with the whole
+prompt fills the cache (prefill); then one token per call.
+Cross-attention projects the encoder output once, at index 0, and reuses it
+for every later step.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ def dot_product_attention(query: Array, key: Array, value: Array,
                           dropout_rate: float = 0.0,
                           dropout_rng: Array | None = None,
                           impl: str = 'xla', block: int = 0) -> Array:
-  """softmax(q k^T / sqrt(k)) v.  q [b,q,h,k], k/v [b,s,h,k], mask [b,1,q,s] -> [b,q,h,k].
+  """softmax(q k^T / sqrt(k)) v.  q [b,q,h,k], k/v [b,s,n,k], mask [b,1,q,s] -> [b,q,h,k].
 
   `is_causal` adds the causal mask (q == s) without the caller building it,
   which lets the fused kernel skip masked blocks, and the XLA path too when
@@ -106,15 +114,23 @@ def _mask_rows(mask: Array, lo: int, hi: int) -> Array:
 
 def _attend(query: Array, key: Array, value: Array, mask: Array | None,
             dropout_rate: float, dropout_rng: Array | None) -> Array:
-  """Heads-major, queries already scaled: [b,h,q,k], [b,h,s,k] -> [b,h,q,k]."""
-  logits = f32_out_einsum('bhqk,bhsk->bhqs', query, key)
+  """Heads-major, queries already scaled: [b,h,q,k], [b,n,s,k] -> [b,h,q,k]."""
+  b, h, q, k = query.shape
+  n = key.shape[1]
+  if n != h:  # grouped-query: the g query heads of a kv head in one einsum
+    query = query.reshape(b, n, h // n, q, k)
+    mask = None if mask is None else mask[:, :, None]
+    spec = 'bngqk,bnsk->bngqs', 'bngqs,bnsk->bngqk'
+  else:
+    spec = 'bhqk,bhsk->bhqs', 'bhqs,bhsk->bhqk'
+  logits = f32_out_einsum(spec[0], query, key)
   if mask is not None:
     logits = jnp.where(mask, logits, _NEG)
   weights = jax.nn.softmax(logits, axis=-1)
   if dropout_rng is not None and dropout_rate > 0.0:
     weights = dropout(weights, dropout_rate, dropout_rng)
   weights = weights.astype(value.dtype)
-  return jnp.einsum('bhqs,bhsk->bhqk', weights, value)
+  return jnp.einsum(spec[1], weights, value).reshape(b, h, q, k)
 
 
 class MultiHeadAttention(nn.Module):
@@ -136,23 +152,33 @@ class MultiHeadAttention(nn.Module):
                        out_axis=out_axis)
     kernel = self.param(f'{name}_kernel', init, shape, cfg.params_dtype)
     bias = None
-    if cfg.use_bias:
+    if cfg.bias('out' if name == 'out' else 'qkv'):
       bshape = shape[1:] if name != 'out' else shape[-1:]
       bias = self.param(f'{name}_bias', bias_init(axes[1:] if name != 'out'
                                                   else axes[-1:]),
                         bshape, cfg.params_dtype)
     return kernel, bias
 
-  def _project_in(self, name: str, x: Array) -> Array:
-    """x [b, l, d] -> [b, l, h, k]."""
+  def _in_shape(self, name: str):
+    """(kernel shape, logical axes) of the query/key/value projection."""
     cfg = self.config
-    kernel, bias = self._proj_params(
-        name, (cfg.d_model, cfg.num_heads, cfg.head_dim_),
-        ('embed', 'heads', 'kv'), 0, (1, 2))
+    if name == 'query' or cfg.num_kv_heads is None:
+      return (cfg.d_model, cfg.num_heads, cfg.head_dim_), ('embed', 'heads',
+                                                           'kv')
+    # kv heads: split over `tensor` like query heads when the rules allow
+    # (the run drops the rule when the mesh does not divide them).
+    return (cfg.d_model, cfg.kv_heads, cfg.head_dim_), ('embed', 'kv_heads',
+                                                        'kv')
+
+  def _project_in(self, name: str, x: Array) -> Array:
+    """x [b, l, d] -> [b, l, h, k] (key/value: [b, l, n, k])."""
+    cfg = self.config
+    shape, axes = self._in_shape(name)
+    kernel, bias = self._proj_params(name, shape, axes, 0, (1, 2))
     y = matmul(x, jnp.asarray(kernel, cfg.compute_dtype))
     if bias is not None:
       y = y + jnp.asarray(bias, cfg.compute_dtype)
-    return nn.with_logical_constraint(y, ('batch', 'length', 'heads', 'kv'))
+    return nn.with_logical_constraint(y, ('batch', 'length', axes[1], 'kv'))
 
   @nn.compact
   def __call__(self, x_q: Array, x_kv: Array, mask: Array | None, *,
@@ -169,7 +195,8 @@ class MultiHeadAttention(nn.Module):
     query = self._project_in('query', x_q)
     rotary = cfg.positions == 'rotary' and self.kind == 'self'
     if rotary:
-      query = apply_rotary(query, q_positions, cfg.rotary_base)
+      query = apply_rotary(query, q_positions, cfg.rotary_base,
+                           cfg.rotary_layout)
 
     if self.kind == 'cross' and cfg.decode:
       key, value = self._cross_cache(x_kv, decode_index)
@@ -177,7 +204,8 @@ class MultiHeadAttention(nn.Module):
       key = self._project_in('key', x_kv)
       value = self._project_in('value', x_kv)
       if rotary:
-        key = apply_rotary(key, kv_positions, cfg.rotary_base)
+        key = apply_rotary(key, kv_positions, cfg.rotary_base,
+                           cfg.rotary_layout)
       if self.kind == 'self' and self.causal and cfg.decode:
         key, value, mask = self._self_cache(key, value, mask, decode_index)
 
@@ -201,10 +229,12 @@ class MultiHeadAttention(nn.Module):
     return nn.with_logical_constraint(y, ('batch', 'length', 'embed'))
 
   def _self_cache(self, key, value, mask, decode_index):
-    """Writes this step's key/value [b, 1, h, k] at decode_index; returns the cache.
+    """Writes this call's keys/values [b, n, kv, k] at slots decode_index..;
+    returns the whole cache and the mask [b, 1, n, L] of what each query sees.
 
-    The first (initialising) call sees the full length L and only creates the
-    cache; later calls see one token each.
+    `mask` [b, 1, 1, n] (or None: all real) says which of the n tokens are
+    real; padding is written but never attended to. The first
+    (initialising) call sees the full length L and only creates the cache.
     """
     b, length, h, k = key.shape
     decoding = self.has_variable('cache', 'cached_key')
@@ -212,36 +242,39 @@ class MultiHeadAttention(nn.Module):
                                (b, length, h, k), key.dtype)
     cached_value = self.variable('cache', 'cached_value', jnp.zeros,
                                  (b, length, h, k), value.dtype)
+    cached_real = self.variable('cache', 'cached_real', jnp.zeros,
+                                (b, length), jnp.bool_)
     if not decoding:
       return key, value, mask
-    if length != 1:
-      raise ValueError(f'decode mode takes one token per call, got length '
-                       f'{length}')
+    real = (jnp.ones((b, length), jnp.bool_) if mask is None
+            else jnp.broadcast_to(mask[:, 0, 0, :], (b, length)))
     start = (0, decode_index, 0, 0)
     cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, start)
     cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value,
                                                       start)
+    cached_real.value = jax.lax.dynamic_update_slice(cached_real.value, real,
+                                                     (0, decode_index))
     max_len = cached_key.value.shape[1]
-    # The query at decode_index sees cache slots 0..decode_index.
-    mask = (jnp.arange(max_len) <= decode_index)[None, None, None, :]
+    # The query at slot decode_index + i sees the real slots 0..that one.
+    seen = (jnp.arange(max_len)[None, :]
+            <= decode_index + jnp.arange(length)[:, None])  # [n, L]
+    mask = seen[None, None] & cached_real.value[:, None, None, :]
     return cached_key.value, cached_value.value, mask
 
   def _cross_cache(self, x_kv, decode_index):
     """Projects the encoder output at step 0 only; later steps reuse it."""
     b, s, _ = x_kv.shape
     cfg = self.config
-    shape = (b, s, cfg.num_heads, cfg.head_dim_)
+    shape = (b, s, cfg.kv_heads, cfg.head_dim_)
     initialised = self.has_variable('cache', 'cross_key')
     ck = self.variable('cache', 'cross_key', jnp.zeros, shape, cfg.compute_dtype)
     cv = self.variable('cache', 'cross_value', jnp.zeros, shape,
                        cfg.compute_dtype)
     # Parameters are read outside the cond so no module is called inside it.
-    k_kernel, k_bias = self._proj_params('key', (cfg.d_model, cfg.num_heads,
-                                                 cfg.head_dim_),
-                                         ('embed', 'heads', 'kv'), 0, (1, 2))
-    v_kernel, v_bias = self._proj_params('value', (cfg.d_model, cfg.num_heads,
-                                                   cfg.head_dim_),
-                                         ('embed', 'heads', 'kv'), 0, (1, 2))
+    k_kernel, k_bias = self._proj_params('key', *self._in_shape('key'), 0,
+                                         (1, 2))
+    v_kernel, v_bias = self._proj_params('value', *self._in_shape('value'), 0,
+                                         (1, 2))
 
     def project(x, kernel, bias):
       y = matmul(x, jnp.asarray(kernel, cfg.compute_dtype))

@@ -25,6 +25,7 @@ NORM_TYPES = ('layernorm', 'rmsnorm')
 ACTIVATIONS = ('relu', 'gelu', 'swiglu')
 DTYPES = ('float32', 'bfloat16', 'float16')
 ATTENTION_IMPLS = ('xla', 'cudnn')
+ROTARY_LAYOUTS = ('half', 'interleaved')
 INITS = ('xavier', 'gpt2')
 
 
@@ -34,6 +35,11 @@ class TransformerConfig:
   vocab_size: int = 32000
   d_model: int = 512            # embedding / residual stream width
   num_heads: int = 8
+  # Key/value heads: None = num_heads (multi-head); fewer for grouped-query
+  # attention (Ainslie et al. 2023), 1 for multi-query. Query head i reads
+  # kv head i // (num_heads // num_kv_heads), as Llama's repeat_kv does; the
+  # KV cache holds only the kv heads.
+  num_kv_heads: int | None = None
   head_dim: int | None = None   # None: d_model // num_heads
   mlp_dim: int = 2048           # feed-forward inner width
   num_encoder_layers: int = 6   # 0 for decoder-only models
@@ -42,12 +48,21 @@ class TransformerConfig:
   attention_dropout_rate: float = 0.0  # on attention weights
   activation_dropout_rate: float = 0.0  # after the feed-forward activation
   positions: str = 'sinusoidal'  # 'sinusoidal' (paper) | 'learned' | 'rotary' | 'none'
-  rotary_base: float = 10000.0
+  rotary_base: float = 10000.0  # RoPE theta (Llama 2: 1e4, SmolLM2: 1e5)
+  # Which features of a head rotate together: 'half' pairs i with i + k/2
+  # (GPT-NeoX, Hugging Face Llama), 'interleaved' pairs 2i with 2i + 1
+  # (GPT-J, Meta's original Llama, llama.cpp's GGUF q/k layout).
+  rotary_layout: str = 'half'
   norm_position: str = 'post'   # 'post' (paper) | 'pre' (GPT-2, modern)
   norm_type: str = 'layernorm'  # 'layernorm' | 'rmsnorm'
   norm_epsilon: float = 1e-6
   activation: str = 'relu'      # 'relu' (paper) | 'gelu' | 'swiglu'
   use_bias: bool = True         # biases in projections and LayerNorms (nanoGPT's bias)
+  # Per-projection overrides of use_bias (None: use_bias). Llama: none;
+  # Qwen2: qkv only; GPT-2: all.
+  qkv_bias: bool | None = None  # query/key/value projections
+  out_bias: bool | None = None  # attention output projection
+  mlp_bias: bool | None = None  # feed-forward projections
   share_embeddings: bool = True  # one embedding for source and target tokens
   tie_output: bool = True       # logits = decoder output @ embedding^T
   # Tied logits in bf16/f16 compute: True, the logits matmul writes float32
@@ -86,6 +101,11 @@ class TransformerConfig:
     _check_choice('param_dtype', self.param_dtype, DTYPES)
     _check_choice('attention_impl', self.attention_impl, ATTENTION_IMPLS)
     _check_choice('init', self.init, INITS)
+    _check_choice('rotary_layout', self.rotary_layout, ROTARY_LAYOUTS)
+    if self.num_kv_heads is not None and (
+        self.num_kv_heads <= 0 or self.num_heads % self.num_kv_heads):
+      raise ValueError(f'TransformerConfig.num_kv_heads={self.num_kv_heads} '
+                       f'must divide num_heads={self.num_heads}')
     if self.attention_block < 0:
       raise ValueError(f'TransformerConfig.attention_block must be >= 0 (0: '
                        f'no blocks), got {self.attention_block}')
@@ -112,6 +132,15 @@ class TransformerConfig:
   @property
   def head_dim_(self) -> int:
     return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  def bias(self, which: str) -> bool:
+    """Whether projection `which` (qkv, out, mlp) has a bias."""
+    own = getattr(self, f'{which}_bias')
+    return self.use_bias if own is None else own
 
   @property
   def compute_dtype(self) -> Any:
@@ -144,6 +173,11 @@ def config_from_dict(d: dict[str, Any]) -> TransformerConfig:
   return TransformerConfig(**d)
 
 
+_LLAMA = dict(dropout_rate=0.0, positions='rotary', norm_position='pre',
+              norm_type='rmsnorm', norm_epsilon=1e-5, activation='swiglu',
+              use_bias=False, scale_embeddings=False, tie_output=True,
+              init='gpt2')
+
 # The paper's Table 3 sizes. Dropout 0.1 for base, 0.3 for big (EN-DE).
 _PRESETS: dict[str, dict[str, Any]] = {
     'transformer_base': dict(
@@ -164,6 +198,24 @@ _PRESETS: dict[str, dict[str, Any]] = {
         num_encoder_layers=0, num_decoder_layers=24, dropout_rate=0.0,
         positions='learned', norm_position='pre', activation='gelu',
         scale_embeddings=False, max_len=1024, norm_epsilon=1e-5),
+    # Llama-family shapes (pre-RMSNorm, SwiGLU, RoPE, grouped-query
+    # attention, no biases). SmolLM2 (HuggingFaceTB): tied embeddings,
+    # 49,152-piece byte-level BPE; `transflax import` reads the weights.
+    'smollm2_135m': dict(
+        vocab_size=49152, d_model=576, num_heads=9, num_kv_heads=3,
+        mlp_dim=1536, num_encoder_layers=0, num_decoder_layers=30,
+        **_LLAMA, rotary_base=100000.0, max_len=8192),
+    'smollm2_360m': dict(
+        vocab_size=49152, d_model=960, num_heads=15, num_kv_heads=5,
+        mlp_dim=2560, num_encoder_layers=0, num_decoder_layers=32,
+        **_LLAMA, rotary_base=100000.0, max_len=8192),
+    # Llama-3.2-1B's shape (1.24B parameters, tied). Its checkpoints also
+    # rescale RoPE frequencies ("llama3" rope_scaling), which the import
+    # refuses: this preset is for sizing and training from scratch.
+    'llama3_2_1b': dict(
+        vocab_size=128256, d_model=2048, num_heads=32, num_kv_heads=8,
+        mlp_dim=8192, num_encoder_layers=0, num_decoder_layers=16,
+        **_LLAMA, rotary_base=500000.0, max_len=131072),
     # Tiny configs for tests: seconds on a CPU.
     'tiny_encdec': dict(
         vocab_size=64, d_model=32, num_heads=4, mlp_dim=64,

@@ -265,17 +265,27 @@ class AddPositions(nn.Module):
     return x + pe.astype(x.dtype)
 
 
-def apply_rotary(x: Array, positions: Array, base: float) -> Array:
-  """Rotary position embedding (Su et al. 2021), rotate-half form.
+def apply_rotary(x: Array, positions: Array, base: float,
+                 layout: str = 'half') -> Array:
+  """Rotary position embedding (Su et al. 2021).
 
   x [b, l, h, k], positions [b, l] -> [b, l, h, k]; computed in float32.
+  Feature pair i (frequency base^(-2i/k)) is (i, i + k/2) in the 'half'
+  layout (GPT-NeoX, Hugging Face) and (2i, 2i + 1) in 'interleaved' (GPT-J,
+  llama.cpp); the two are the same map up to a permutation of the head's
+  features, which a converter applies to the q/k projections.
   """
   half = x.shape[-1] // 2
   inv_freq = 1.0 / (base ** (jnp.arange(half, dtype=jnp.float32) / half))
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, l, half]
   sin = jnp.sin(angles)[:, :, None, :]
   cos = jnp.cos(angles)[:, :, None, :]
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  xf = x.astype(jnp.float32)
+  if layout == 'interleaved':
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+  x1, x2 = jnp.split(xf, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
 
@@ -309,7 +319,8 @@ class MlpBlock(nn.Module):
     cfg = self.config
 
     def dense(features, axes, name):
-      return nn.Dense(features, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+      return nn.Dense(features, use_bias=cfg.bias('mlp'),
+                      dtype=cfg.compute_dtype,
                       param_dtype=cfg.params_dtype,
                       dot_general=dense_dot_general,
                       kernel_init=kernel_init(cfg, axes, residual=name == 'wo'),

@@ -10,8 +10,9 @@ right inside the model (start token 0, also at every packed segment start),
 so a batch holds the targets as they are scored.
 
 Decode mode (`config.decode=True`): initialise the cache with `init_cache`,
-then call `decode` (EncoderDecoder) or `__call__` (DecoderLM) with one token
-[b, 1] per step and `mutable=['cache']`.
+then call `decode` (EncoderDecoder) with one token [b, 1] per step, or
+`__call__` (DecoderLM) with a prompt [b, n] once and one token per step,
+with `mutable=['cache']`.
 """
 
 from __future__ import annotations
@@ -135,8 +136,9 @@ class Decoder(nn.Module):
   """The decoder stack and output logits; cross-attention iff `encoded` is given.
 
   Training/eval: `tokens` [b, t] are the decoder inputs (already shifted).
-  Decode mode: `tokens` [b, 1] is the previous token; the position is the
-  cache's step counter.
+  Decode mode: `tokens` [b, n] are the next n inputs (n = 1 per step, or a
+  whole prompt at once), `valid` [b, n] marks the real ones (False on a
+  left-padded prompt's padding); positions count each row's real tokens.
   """
   config: TransformerConfig
   embed: Embed
@@ -147,21 +149,34 @@ class Decoder(nn.Module):
                segments: Array | None = None, positions: Array | None = None,
                encoded: Array | None = None, encoded_valid: Array | None = None,
                encoded_segments: Array | None = None,
-               return_hidden: bool = False) -> Array:
+               return_hidden: bool = False, last_only: bool = False) -> Array:
     """logits [b, t, v]; return_hidden: the final hidden states [b, t, d]
-    instead (after the last norm), for a loss that makes logits in chunks."""
+    instead (after the last norm), for a loss that makes logits in chunks;
+    last_only: the last position's only ([b, 1, ...]; a prefill's)."""
     cfg = self.config
     decode_index = None
     self_mask = cross_mask = None
     if cfg.decode:
+      # decode_index: the cache slot of the call's first token (shared by
+      # every row); next_position: each row's position of its next real
+      # token, which differs from the slot when a prompt was left-padded.
       index = self.variable('cache', 'decode_index',
                             lambda: jnp.zeros((), jnp.int32))
+      next_position = self.variable(
+          'cache', 'next_position',
+          lambda: jnp.zeros(tokens.shape[:1], jnp.int32))
       if self.is_initializing():
         positions = _default_positions(tokens)
       else:
         decode_index = index.value
-        index.value = decode_index + 1
-        positions = jnp.full(tokens.shape, decode_index, jnp.int32)
+        index.value = decode_index + tokens.shape[1]
+        real = (jnp.ones(tokens.shape, jnp.int32) if valid is None
+                else valid.astype(jnp.int32))
+        # Padding takes the position of the next real token (never seen).
+        positions = next_position.value[:, None] + jnp.cumsum(real, 1) - real
+        next_position.value = next_position.value + real.sum(1)
+        if valid is not None:
+          self_mask = valid[:, None, None, :]  # which new keys are real
       if encoded is not None:
         cross_mask = encoded_valid[:, None, None, :]
     else:
@@ -184,6 +199,8 @@ class Decoder(nn.Module):
     for i in range(cfg.num_decoder_layers):
       x = layer(cfg, cross_attention=self.cross_attention, name=f'layer_{i}')(
           x, self_mask, positions, encoded, cross_mask, decode_index)
+    if last_only:
+      x = x[:, -1:]
     if cfg.norm_position == 'pre':
       x = Norm(cfg, name='final_norm')(x)
     if return_hidden:
@@ -262,17 +279,23 @@ class DecoderLM(nn.Module):
 
   def __call__(self, tokens: Array, segment_ids: Array | None = None,
                positions: Array | None = None, *,
-               return_hidden: bool = False) -> Array:
-    """tokens [b, l] -> logits [b, l, v]; decode mode: tokens [b, 1].
+               return_hidden: bool = False, last_only: bool = False) -> Array:
+    """tokens [b, l] -> logits [b, l, v] (last_only: [b, 1, v], the last
+    position's).
+
+    Decode mode: the next tokens [b, n] through the KV cache (a prompt, then
+    one per step); segment_ids [b, n] > 0 marks real tokens (a left-padded
+    batch of prompts; its padding is never attended to).
 
     return_hidden: the final hidden states [b, l, d] instead; `logits` turns
     them (or a slice of them) into logits.
     """
-    if self.config.decode:
-      return self.decoder(tokens)
     valid = None if segment_ids is None else segment_ids > 0
+    if self.config.decode:
+      return self.decoder(tokens, valid=valid, last_only=last_only)
     return self.decoder(tokens, valid=valid, segments=segment_ids,
-                        positions=positions, return_hidden=return_hidden)
+                        positions=positions, return_hidden=return_hidden,
+                        last_only=last_only)
 
   def logits(self, hidden: Array) -> Array:
     """hidden [..., d] (from return_hidden) -> logits [..., v], float32.

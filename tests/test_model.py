@@ -411,3 +411,131 @@ def test_dropout_zero_rate_and_train_mode():
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not np.allclose(np.asarray(a), np.asarray(c))
   assert not np.allclose(np.asarray(a), np.asarray(DecoderLM(cfg).apply(v, tokens)))
+
+
+# -- Llama-family options: grouped-query attention, rotary layouts, prefill ---
+
+LLAMA = dict(norm_position='pre', positions='rotary', activation='swiglu',
+             norm_type='rmsnorm', use_bias=False, num_heads=4, num_kv_heads=2,
+             scale_embeddings=False)
+
+
+def test_grouped_query_equals_repeated_kv_heads():
+  """GQA = multi-head attention whose key/value heads are the kv heads
+  repeated per group (Llama's repeat_kv): query head i reads kv head i // g."""
+  rng = np.random.default_rng(10)
+  x = _tokens(rng, (2, 9))
+  gqa = get_preset('tiny_lm', **LLAMA)
+  v = nn.unbox(_init(DecoderLM(gqa), x))
+  mha = gqa.replace(num_kv_heads=None)
+  params = jax.tree.map(lambda a: a, v['params'])
+  for i in range(gqa.num_decoder_layers):
+    attn = params['decoder'][f'layer_{i}']['self_attention']
+    for name in ('key_kernel', 'value_kernel'):
+      assert attn[name].shape[1] == 2
+      attn[name] = jnp.repeat(attn[name], 2, axis=1)
+  np.testing.assert_allclose(DecoderLM(gqa).apply(v, x),
+                             DecoderLM(mha).apply({'params': params}, x),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_interleaved_rotary_equals_half_with_permuted_heads():
+  """llama.cpp's layout: rotary on interleaved pairs with the q/k output
+  features permuted is the same model as the 'half' layout."""
+  rng = np.random.default_rng(11)
+  x = _tokens(rng, (2, 9))
+  half = get_preset('tiny_lm', **LLAMA)
+  v = nn.unbox(_init(DecoderLM(half), x))
+  k = half.head_dim_
+  # feature j of the half layout sits at perm[j] in the interleaved one
+  order = np.stack([np.arange(k // 2), np.arange(k // 2) + k // 2], 1).ravel()
+  params = jax.tree.map(lambda a: a, v['params'])
+  for i in range(half.num_decoder_layers):
+    attn = params['decoder'][f'layer_{i}']['self_attention']
+    for name in ('query_kernel', 'key_kernel'):
+      attn[name] = attn[name][..., order]
+  inter = half.replace(rotary_layout='interleaved')
+  np.testing.assert_allclose(DecoderLM(half).apply(v, x),
+                             DecoderLM(inter).apply({'params': params}, x),
+                             rtol=1e-5, atol=1e-5)
+
+
+def _prefill_then_step(cfg, params, tokens, real, n_prompt):
+  """Logits of a cached run: tokens[:, :n_prompt] in one call, then one per
+  step. -> [b, l, v]"""
+  dm = DecoderLM(cfg.replace(decode=True))
+  cache = init_cache(dm, tokens.shape[0], tokens.shape[1])
+  logits, mut = dm.apply({'params': params, 'cache': cache},
+                         tokens[:, :n_prompt], real[:, :n_prompt],
+                         mutable=['cache'])
+  out, cache = [logits], mut['cache']
+  for i in range(n_prompt, tokens.shape[1]):
+    logits, mut = dm.apply({'params': params, 'cache': cache},
+                           tokens[:, i:i + 1], mutable=['cache'])
+    out.append(logits)
+    cache = mut['cache']
+  return jnp.concatenate(out, axis=1)
+
+
+@pytest.mark.parametrize('overrides', [LLAMA, dict(positions='learned',
+                                                   norm_position='pre')])
+def test_prefill_then_steps_equals_full(overrides):
+  rng = np.random.default_rng(12)
+  cfg = get_preset('tiny_lm', **overrides)
+  x = _tokens(rng, (2, 10))
+  v = nn.unbox(_init(DecoderLM(cfg), x))
+  full = DecoderLM(cfg).apply(v, x)
+  cached = _prefill_then_step(cfg, v['params'], x, jnp.ones_like(x), 6)
+  np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)
+
+
+def test_left_padded_prefill_equals_each_row_alone():
+  """Rows of different prompt lengths in one batch, left-padded: the padding
+  is never attended to and positions count real tokens, so every row's
+  logits are its own run's."""
+  rng = np.random.default_rng(13)
+  cfg = get_preset('tiny_lm', **LLAMA)
+  short, long = _tokens(rng, (1, 7)), _tokens(rng, (1, 10))
+  v = nn.unbox(_init(DecoderLM(cfg), long))
+  pad = jnp.zeros((1, 3), jnp.int32)
+  batch = jnp.concatenate([jnp.concatenate([pad, short], 1), long], 0)
+  real = jnp.concatenate([jnp.concatenate([pad, jnp.ones_like(short)], 1),
+                          jnp.ones_like(long)], 0)
+  both = _prefill_then_step(cfg, v['params'], batch, real, 8)
+  np.testing.assert_allclose(both[1], DecoderLM(cfg).apply(v, long)[0],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(both[0, 3:], DecoderLM(cfg).apply(v, short)[0],
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('kv_heads,split', [(2, True), (1, False)])
+def test_grouped_query_shards_over_tensor(kv_heads, split):
+  """kv heads split over `tensor` when it divides them, else replicated
+  (fit_kv_heads); either way the sharded forward equals one device's."""
+  rng = np.random.default_rng(14)
+  cfg = get_preset('tiny_lm', **{**LLAMA, 'num_kv_heads': kv_heads})
+  m = DecoderLM(cfg)
+  x = _tokens(rng, (4, 8))
+  mesh = partitioning.make_mesh(2, 2, 2)
+  rules = partitioning.fit_kv_heads(partitioning.DEFAULT_RULES, mesh, kv_heads)
+  abstract = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), x))
+  shardings = partitioning.logical_to_sharding(
+      nn.get_partition_spec(abstract), mesh, rules)
+  with mesh, nn.logical_axis_rules(rules):
+    v = jax.jit(lambda: m.init(jax.random.PRNGKey(0), x),
+                out_shardings=shardings)()
+    key = v['params']['decoder']['layer_0']['self_attention']['key_kernel']
+    assert key.value.sharding.spec[1] == ('tensor' if split else None)
+    sharded = jax.jit(m.apply)(v, jax.device_put(
+        x, partitioning.batch_sharding(mesh)))
+  single = m.apply(jax.device_get(nn.unbox(v)), x)
+  np.testing.assert_allclose(np.asarray(sharded), np.asarray(single),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('name,size', [('smollm2_135m', 134.5e6),
+                                       ('smollm2_360m', 361.8e6),
+                                       ('llama3_2_1b', 1.236e9)])
+def test_llama_family_sizes(name, size):
+  n = _num_params(DecoderLM(get_preset(name)), (1, 8))
+  assert abs(n - size) / size < 0.005, n

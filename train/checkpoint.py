@@ -459,12 +459,19 @@ def check_compatible(saved_meta: dict, current_meta: dict,
   show = lambda v: '<missing>' if v is missing else repr(v)  # noqa: E731
   diffs = [f'{k}: checkpoint={show(get(saved_meta, k))}, '
            f'current={show(get(current_meta, k))}'
-           for k in keys if get(saved_meta, k) != get(current_meta, k)]
+           for k in keys if not _same(get(saved_meta, k),
+                                      get(current_meta, k), missing)]
   if diffs:
     raise UserError(
         f'{source} was written with a different model/vocabulary: '
         + '; '.join(diffs) + '. Resume with the original settings or use a '
         'new --workdir.')
+
+
+def _same(saved: Any, current: Any, missing: object) -> bool:
+  # A key added to the model config later (None: the old behaviour) is
+  # absent from older checkpoints, which stay resumable.
+  return saved == current or (saved is missing and current is None)
 
 
 # --- Checkpoint averaging ----------------------------------------------------

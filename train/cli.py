@@ -1,4 +1,5 @@
-"""`transflax` subcommands: train, translate, eval, generate, average, bench.
+"""`transflax` subcommands: train, translate, eval, generate, average, bench,
+import, export.
 
   transflax train --config experiments/multi30k.py:en-de --workdir runs/m30k
   transflax translate --workdir runs/m30k < source.txt > hypotheses.txt
@@ -6,6 +7,9 @@
   transflax generate --workdir runs/shakespeare --prompt "ROMEO:"
   transflax average --workdir runs/wmt_base --last 5
   transflax bench --config experiments/gpt2.py:small --steps 20
+  transflax import --from model.gguf --workdir runs/smollm2
+  transflax generate --workdir runs/smollm2 --chat --prompt "Hi!"
+  transflax export --workdir runs/smollm2 --to exported/smollm2
 
 A mistake the user can fix prints one line `error: ...` and exits with 2.
 """
@@ -24,7 +28,8 @@ from ml_collections import config_flags
 
 from data.errors import UserError
 
-COMMANDS = ('train', 'translate', 'eval', 'generate', 'average', 'bench')
+COMMANDS = ('train', 'translate', 'eval', 'generate', 'average', 'bench',
+            'import', 'export')
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     'config', None, 'experiment config: experiments/<name>.py[:arg]',
@@ -48,6 +53,11 @@ flags.DEFINE_integer('seed', 0, 'generate: sampling seed')
 flags.DEFINE_integer('num_samples', None, 'generate: samples per prompt')
 flags.DEFINE_integer('last', None, 'average: number of latest checkpoints')
 flags.DEFINE_integer('steps', 20, 'bench: timed train steps')
+flags.DEFINE_string('from', None, 'import: a .gguf file or a Hugging Face '
+                    'model folder (config.json + *.safetensors)')
+flags.DEFINE_string('to', None, 'export: the Hugging Face folder to write')
+flags.DEFINE_bool('chat', False, 'generate: the prompt is a user turn, '
+                  'rendered with the workdir\'s chat template; prints the reply')
 
 
 def _require(name: str) -> str:
@@ -123,6 +133,15 @@ def _cmd_generate() -> None:
     raise UserError(f'{FLAGS.workdir} holds a {run.config.task!r} run, which '
                     f'does not generate text; `transflax generate` needs a '
                     f'decoder-only LM (task lm, sft or dpo)')
+  if FLAGS.chat and getattr(run.task, 'chat_template', None) is None:
+    from data import chat
+    template = chat.load_template(run.workdir, '', run.task.tokenizer,
+                                  save=False)
+    if template is None:
+      raise UserError(f'{FLAGS.workdir} has no chat template '
+                      f'({chat.TEMPLATE_FILE}); drop --chat, or use a chat '
+                      f'run (sft, dpo, or an imported chat model)')
+    run.task.chat_template = template
   s = run.config.sample
   sampling.generate_samples(
       run, params, FLAGS.prompt if FLAGS.prompt is not None else s.prompt,
@@ -146,6 +165,21 @@ def _cmd_bench() -> None:
   if FLAGS.config is None:
     raise UserError('--config is required for `transflax bench`')
   print(json.dumps(bench.benchmark(FLAGS.config, steps=FLAGS.steps), indent=2))
+
+
+def _cmd_import() -> None:
+  from train import convert
+  src = FLAGS['from'].value
+  if src is None:
+    raise UserError('--from is required for `transflax import` (a .gguf '
+                    'file or a Hugging Face model folder)')
+  print(json.dumps(convert.import_checkpoint(src, _require('workdir'))))
+
+
+def _cmd_export() -> None:
+  from train import convert
+  print(json.dumps(convert.export_checkpoint(
+      _require('workdir'), _require('to'), FLAGS.checkpoint)))
 
 
 def _override_paths(argv: list[str]) -> list[str]:

@@ -32,9 +32,10 @@ from train import partitioning, state as state_lib, step as step_lib, tasks
 # Fields that fix parameter shapes: a workdir trained with other values cannot
 # be resumed.
 SHAPE_KEYS = tuple(f'model.{k}' for k in (
-    'vocab_size', 'd_model', 'num_heads', 'head_dim', 'mlp_dim',
-    'num_encoder_layers', 'num_decoder_layers', 'activation', 'positions',
-    'norm_type', 'use_bias', 'share_embeddings', 'tie_output', 'max_len')) + (
+    'vocab_size', 'd_model', 'num_heads', 'num_kv_heads', 'head_dim',
+    'mlp_dim', 'num_encoder_layers', 'num_decoder_layers', 'activation',
+    'positions', 'norm_type', 'use_bias', 'qkv_bias', 'out_bias', 'mlp_bias',
+    'share_embeddings', 'tie_output', 'max_len')) + (
         'task', 'tokenizer_sha')
 
 
@@ -75,6 +76,8 @@ class Run:
       self.ckpt.close()  # else Orbax's threads outlive the error's exit
       raise
     self.model_config = self.task.model_config
+    self.rules = partitioning.fit_kv_heads(self.rules, self.mesh,
+                                           self.model_config.kv_heads)
     num_steps = config.train.num_steps
     self.schedule = state_lib.make_schedule(config.optimizer,
                                             self.model_config.d_model, num_steps)

@@ -1,7 +1,7 @@
 """Device mesh ('data', 'fsdp', 'tensor'), logical-axis rules, shardings, multi-host.
 
 Parameters and activations are annotated with logical axis names
-(`batch, length, embed, heads, kv, mlp, vocab`); one rules table maps them onto
+(`batch, length, embed, heads, kv_heads, kv, mlp, vocab`); one rules table maps them onto
 mesh axes. With the default rules:
 
   data    pure data parallelism: batch split, parameters replicated;
@@ -35,6 +35,7 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ('length', None),
     ('embed', 'fsdp'),
     ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),  # grouped-query key/value heads (see fit_kv_heads)
     ('kv', None),
     ('mlp', 'tensor'),
     ('vocab', 'tensor'),
@@ -50,6 +51,27 @@ def rules_from_config(rules: Sequence[Sequence[Any]] | None):
     if isinstance(axes, list):
       axes = tuple(axes)
     out.append((name, axes))
+  return tuple(out)
+
+
+def fit_kv_heads(rules, mesh: Mesh, kv_heads: int):
+  """`rules` with the grouped-query `kv_heads` axis replicated when the mesh
+  axes it maps to do not divide `kv_heads` (SmolLM2's 3 kv heads on a
+  tensor axis of 2 or 4), and added (replicated) to an older rules table.
+  Query heads keep their split; each device reads the kv heads it needs."""
+  out, seen = [], False
+  for name, axes in rules:
+    if name == 'kv_heads':
+      seen = True
+      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+      if kv_heads % size:
+        logging.info('kv_heads=%d not divisible by mesh axes %s (%d): '
+                     'replicated', kv_heads, names, size)
+        axes = None
+    out.append((name, axes))
+  if not seen:
+    out.append(('kv_heads', None))
   return tuple(out)
 
 

@@ -38,9 +38,17 @@ def prompt_ids(tokenizer, prompt: str, template: chat.ChatTemplate | None = None
                ) -> tuple[int, list[int]]:
   """(start_id, forced ids): the first decoder input and the prompt after it."""
   if template is not None:  # the user's turn, then the assistant's header
-    return tokenizers.EOS_ID, template.prompt(
-        tokenizer, chat.prompt_messages(prompt, 'the prompt'))
-  ids = list(tokenizer.encode(prompt, add_eos=False)) if prompt else []
+    ids = template.prompt(tokenizer, chat.prompt_messages(prompt, 'the prompt'))
+  else:
+    ids = list(tokenizer.encode(prompt, add_eos=False)) if prompt else []
+  if isinstance(tokenizer, tokenizers.BPETokenizer):
+    # An imported checkpoint: BOS first if its documents start with one,
+    # else the text itself; an empty prompt starts after end-of-text.
+    if tokenizer.add_bos and tokenizer.bos_id is not None:
+      return tokenizer.bos_id, ids
+    return (ids[0], ids[1:]) if ids else (tokenizer.eos_id, [])
+  if template is not None:
+    return tokenizers.EOS_ID, ids
   if isinstance(tokenizer, tokenizers.CharTokenizer) and ids:
     return ids[0], ids[1:]
   return tokenizers.EOS_ID, ids
@@ -56,22 +64,27 @@ def never_sampled(tokenizer, template: chat.ChatTemplate | None = None
   their samples run to max_new_tokens, nor for chat models, whose replies
   end with the template's end-of-turn piece (the other control pieces, role
   headers, are never part of a reply either). An untrained model would
-  otherwise sample them now and then.
+  otherwise sample them now and then. An imported tokenizer may give one id
+  several roles (GPT-2's BOS is its EOS; SmolLM2 pads with <|im_end|>): the
+  token that ends a sample is never banned.
   """
-  specials = [tokenizers.PAD_ID, tokenizers.UNK_ID, tokenizers.BOS_ID]
+  specials = {i for i in (tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id)
+              if i is not None}
   if isinstance(tokenizer, tokenizers.CharTokenizer):
-    specials.append(tokenizers.EOS_ID)
+    specials.add(tokenizers.EOS_ID)
   if template is not None:
     end = template.end_id(tokenizer)
-    specials += [tokenizers.EOS_ID] + [
+    specials |= {tokenizer.eos_id} | {
         i for i in (chat.piece_id(tokenizer, p) for p in template.pieces)
-        if i != end]
-  return tuple(sorted(set(specials))), tokenizer.vocab_size
+        if i != end}
+  if isinstance(tokenizer, tokenizers.BPETokenizer):
+    specials.discard(stop_id(tokenizer, template))
+  return tuple(sorted(specials)), tokenizer.vocab_size
 
 
 def stop_id(tokenizer, template: chat.ChatTemplate | None = None) -> int:
   """The token that ends a sample: EOS, or a chat template's end of turn."""
-  return template.end_id(tokenizer) if template else tokenizers.EOS_ID
+  return template.end_id(tokenizer) if template else tokenizer.eos_id
 
 
 def logits_mask(never: tuple[tuple[int, ...], int], vocab_size: int):
@@ -146,6 +159,100 @@ def _jitted_steps(model_config, start_id: int, top_k: int, top_p: float,
   return jax.jit(steps, out_shardings=sharding, donate_argnums=(1,))
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_prefill(model_config, top_k: int, top_p: float,
+                    never: tuple[tuple[int, ...], int],
+                    sharding: jax.sharding.Sharding, eos_id: int):
+  """prefill(params, state, tokens, real, temperature) -> state: the whole
+  context [b, c] through the KV cache in one call, then the first sampled
+  token from its last position's logits (state.index must be c - 1).
+
+  `real` [b, c] is False on a left-padded row's padding. One compile per
+  context length; the sampling steps that follow are `_jitted_steps`'.
+  """
+  cfg = model_config.replace(deterministic=True, attention_impl='xla',
+                             decode=True)
+  dmodel = DecoderLM(cfg)
+
+  def prefill(params, state, tokens, real, temperature):
+    logits, mut = dmodel.apply({'params': params, 'cache': state.cache},
+                               tokens, real.astype(jnp.int32), last_only=True,
+                               mutable=['cache'])
+    last = logits[:, 0] + logits_mask(never, model_config.vocab_size)
+    state = state._replace(cache=mut['cache'])
+    # The step's own logic picks the token (same rng stream as stepping).
+    return generate.sample_step(state, lambda tokens, cache: (last, cache),
+                                eos_id=eos_id, temperature=temperature,
+                                top_k=top_k, top_p=top_p)
+  return jax.jit(prefill, out_shardings=sharding, donate_argnums=(1,))
+
+
+def start_sampling(model_config, params, contexts, *, total: int,
+                   settings: tuple, temperature, seed: int,
+                   cache_len: int | None = None) -> generate.SamplingState:
+  """The sampling state after prefilling `contexts` (lists of ids, each the
+  tokens fed before the first sample; different lengths are left-padded)
+  and sampling the first token.
+
+  Row r's sequence holds its context after the first token (left-padded)
+  then samples: with c the longest context, position c - 1 is the first
+  sample and `total` >= c is the sequence length; the cache has `total`
+  slots (or `cache_len`: a sliding window takes over there).
+  `settings`: (top_k, top_p, never, sharding, eos_id).
+  """
+  c = max(len(x) for x in contexts)
+  tokens = np.zeros((len(contexts), c), np.int32)
+  real = np.zeros((len(contexts), c), bool)
+  for r, ids in enumerate(contexts):
+    tokens[r, c - len(ids):] = ids
+    real[r, c - len(ids):] = True
+  sequences = np.zeros((len(contexts), total), np.int32)
+  sequences[:, :c - 1] = tokens[:, 1:]
+  sharding = settings[3]
+  cache = init_cache(DecoderLM(model_config.replace(decode=True)),
+                     len(contexts), cache_len or total)
+  state = generate.SamplingState(
+      index=jnp.int32(c - 1), sequences=jnp.asarray(sequences),
+      ended=jnp.zeros((len(contexts),), bool), cache=cache,
+      rng=jax.random.PRNGKey(seed))
+  state = jax.device_put(state, sharding)
+  return _jitted_prefill(model_config, *settings)(
+      params, state, jax.device_put(jnp.asarray(tokens), sharding),
+      jax.device_put(jnp.asarray(real), sharding), temperature)
+
+
+def generate_ids(run_or_config, params, contexts: list[list[int]], *,
+                 max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 eos_id: int, never: tuple[tuple[int, ...], int] | None = None
+                 ) -> list[list[int]]:
+  """New ids for a batch of contexts of any lengths: one prefill call
+  (left-padded; the padding is never attended to and positions count real
+  tokens only), then up to `max_new_tokens` - 1 cached steps, all rows at
+  once. A row stops after `eos_id` (kept as its last id). `never`: ids
+  never sampled (`never_sampled`; default none). Rotary or
+  sinusoidal positions only (no window past learned positions' max_len).
+  """
+  cfg = getattr(run_or_config, 'model_config', run_or_config)
+  c = max(len(x) for x in contexts)
+  if min(len(x) for x in contexts) < 1 or max_new_tokens < 1:
+    raise ValueError('every context needs a token, and max_new_tokens >= 1')
+  total = c - 1 + max_new_tokens
+  sharding = _state_sharding(params)
+  settings = (int(top_k), float(top_p), never or ((), cfg.vocab_size),
+              sharding, int(eos_id))
+  temp = jax.device_put(jnp.float32(temperature), sharding)
+  state = start_sampling(cfg, params, contexts, total=total,
+                         settings=settings, temperature=temp, seed=seed)
+  steps = _jitted_steps(cfg, 0, *settings)
+  state = steps(params, state, temp, np.int32(total))
+  out = []
+  for row in np.asarray(state.sequences)[:, c - 1:]:
+    ids = row.tolist()
+    out.append(ids[:ids.index(eos_id) + 1] if eos_id in ids else ids)
+  return out
+
+
 class _Detokenizer:
   """Text of the generated ids, decoded together with the prompt.
 
@@ -197,13 +304,19 @@ def generate_text(run, params, prompt: str, *, max_new_tokens: int,
               never_sampled(tok, template), sharding, stop_id(tok, template))
   temperature = jax.device_put(jnp.float32(temperature), sharding)
   steps = _jitted_steps(cfg, *settings)
-  cache = init_cache(DecoderLM(cfg.replace(decode=True)), 1, cached_len)
-  prompt_arr = jnp.asarray([forced or [0]], jnp.int32)[:, :len(forced)]
-  state = generate.init_sampling(prompt_arr, cache, jax.random.PRNGKey(seed),
-                                 max_decode_len=total)
-  state = jax.device_put(state, sharding)
+  if len(forced) < cached_len and max_new_tokens > 0:
+    # The prompt in one call (prefill), then the first token sampled.
+    state = start_sampling(cfg, params, [[start_id] + forced], total=total,
+                           settings=settings[1:], temperature=temperature,
+                           seed=seed, cache_len=cached_len)
+  else:  # a prompt past learned positions' max_len: fed one per step
+    cache = init_cache(DecoderLM(cfg.replace(decode=True)), 1, cached_len)
+    prompt_arr = jnp.asarray([forced or [0]], jnp.int32)[:, :len(forced)]
+    state = generate.init_sampling(prompt_arr, cache, jax.random.PRNGKey(seed),
+                                   max_decode_len=total)
+    state = jax.device_put(state, sharding)
   # A reply is a turn of its own, decoded without the prompt's context.
-  context = ([] if template or start_id == tokenizers.EOS_ID
+  context = ([] if template or start_id == tok.eos_id
              else [start_id]) + ([] if template else forced)
   detok = _Detokenizer(tok, context)
   shown = ''
@@ -215,7 +328,7 @@ def generate_text(run, params, prompt: str, *, max_new_tokens: int,
   # on the host: slicing the device array to a new length would compile a
   # new program per length.
   chunk = STREAM_TOKENS if stream is not None else total
-  index, ended = 0, False
+  index, ended = int(state.index), bool(np.asarray(state.ended).all())
   while index < total and not ended:
     if index == cached_len:
       steps = _jitted_steps(cfg, *settings, window=True)

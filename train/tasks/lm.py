@@ -186,8 +186,19 @@ class LanguageModel(TextCorpus, DecoderTask):
 
   def _chat_template(self):
     # data.chat_template only reserves the template's pieces in the tokenizer
-    # of a pretraining LM; it never saw the template, so prompts stay text.
+    # of a pretraining LM; it never saw the template, so prompts stay text
+    # (`generate --chat` uses the workdir's template, see meta).
     return None
+
+  def meta(self):
+    # An imported chat model's template (in the workdir) goes to runs that
+    # start from this one (train.init_from).
+    path = os.path.join(self.workdir or '', chat.TEMPLATE_FILE)
+    if self.workdir and os.path.exists(path) and self.tokenizer is not None:
+      template = chat.load_template(self.workdir, '', self.tokenizer,
+                                    save=False)
+      return {'chat_template': template.to_json()}
+    return super().meta()
 
   def loss(self, params, frozen, batch, rng):
     t = self.config.train
