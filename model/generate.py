@@ -242,13 +242,15 @@ def _choose_tokens(logits, rng, temperature, top_k, top_p) -> jax.Array:
   if _is_static(temperature, 0):
     return greedy
   temperature = jnp.asarray(temperature, jnp.float32)
-  # A traced temperature may be 0: divide by 1 instead and pick greedy below.
-  logits = logits / jnp.where(temperature > 0, temperature, 1.0)
-  logits = top_k_filter(logits, top_k)
-  if not (isinstance(top_p, (int, float)) and top_p >= 1):
-    logits = top_p_filter(logits, top_p)
-  sampled = jax.random.categorical(rng, logits).astype(jnp.int32)
-  return jnp.where(temperature > 0, sampled, greedy)
+
+  def sample():
+    filtered = top_k_filter(logits / temperature, top_k)
+    if not (isinstance(top_p, (int, float)) and top_p >= 1):
+      filtered = top_p_filter(filtered, top_p)
+    return jax.random.categorical(rng, filtered).astype(jnp.int32)
+  # A traced temperature may be 0 (greedy): then the random draw over the
+  # whole vocabulary, a large part of a small model's step, is skipped.
+  return lax.cond(temperature > 0, sample, lambda: greedy)
 
 
 class SamplingState(NamedTuple):

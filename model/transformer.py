@@ -330,11 +330,20 @@ def init_cache(model: nn.Module, batch_size: int, max_decode_len: int,
   EncoderDecoder needs `source_len` (the encoder output length); the cache
   holds [batch, max_decode_len, heads, head_dim] keys/values per layer.
   """
+  shapes = _cache_shapes(type(model), model.config, batch_size,
+                         max_decode_len, source_len)
+  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_shapes(cls, config: TransformerConfig, batch_size: int,
+                  max_decode_len: int, source_len: int | None):
+  # Tracing the model's init takes ~1 s for 30 layers: once per shape.
+  model = cls(config)
   tokens = jnp.ones((batch_size, max_decode_len), jnp.int32)
-  if isinstance(model, EncoderDecoder):
+  if cls is EncoderDecoder:
     inputs = jnp.ones((batch_size, source_len), jnp.int32)
     init = functools.partial(model.init, jax.random.PRNGKey(0), inputs, tokens)
   else:
     init = functools.partial(model.init, jax.random.PRNGKey(0), tokens)
-  shapes = jax.eval_shape(init)['cache']
-  return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  return jax.eval_shape(init)['cache']

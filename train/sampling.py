@@ -32,6 +32,7 @@ import numpy as np
 from data import chat
 from data import tokenizer as tokenizers
 from model import DecoderLM, generate, init_cache
+from train import step as step_lib
 
 
 def prompt_ids(tokenizer, prompt: str, template: chat.ChatTemplate | None = None
@@ -156,7 +157,8 @@ def _jitted_steps(model_config, start_id: int, top_k: int, top_p: float,
     return jax.lax.while_loop(
         lambda s: (s.index < stop) & ~jnp.all(s.ended),
         lambda s: step(params, s, temperature), state)
-  return jax.jit(steps, out_shardings=sharding, donate_argnums=(1,))
+  return jax.jit(steps, out_shardings=sharding, donate_argnums=(1,),
+                 compiler_options=step_lib.compiler_options())
 
 
 @functools.lru_cache(maxsize=16)
@@ -184,7 +186,10 @@ def _jitted_prefill(model_config, top_k: int, top_p: float,
     return generate.sample_step(state, lambda tokens, cache: (last, cache),
                                 eos_id=eos_id, temperature=temperature,
                                 top_k=top_k, top_p=top_p)
-  return jax.jit(prefill, out_shardings=sharding, donate_argnums=(1,))
+  # XLA:CPU's Eigen dots (as for training; step_lib.compiler_options): the
+  # decode step's 16-row GEMMs run faster on them than on YNNPACK.
+  return jax.jit(prefill, out_shardings=sharding, donate_argnums=(1,),
+                 compiler_options=step_lib.compiler_options())
 
 
 def start_sampling(model_config, params, contexts, *, total: int,
