@@ -240,13 +240,14 @@ def as_pairs(rankings: Sequence[Ranking]) -> list[Ranking]:
 
 
 def _render(template, tokenizer, rankings: Sequence[Ranking]):
-  """Per ranking, per response: (ids, loss mask) of [EOS] + the prompt and
-  the response as the assistant's turn (EOS: where pretraining documents
-  started)."""
+  """Per ranking, per response: (ids, loss mask) of the document start
+  (EOS for our LMs: where pretraining documents started) + the prompt and
+  the response as the assistant's turn."""
   convs = [r.prompt + [{'role': 'assistant', 'content': text}]
            for r in rankings for text in r.responses]
   rendered = iter(template.render_batch(tokenizer, convs))
-  return [[([tokenizers.EOS_ID] + ids, [0] + mask) for ids, mask in
+  start = tokenizers.document_start(tokenizer)
+  return [[(start + ids, [0] * len(start) + mask) for ids, mask in
            (next(rendered) for _ in r.responses)] for r in rankings]
 
 

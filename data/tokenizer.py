@@ -285,6 +285,16 @@ class BPETokenizer(_Base):
     return text if len(known) == len(ids) else text + _UNKNOWN_ID_TEXT
 
 
+def document_start(tokenizer) -> list[int]:
+  """The ids fed before a document's first token: EOS for our tokenizers
+  (an LM's training documents each follow an EOS), an imported checkpoint's
+  BOS if its documents start with one, else none (SmolLM2, GPT-2)."""
+  if isinstance(tokenizer, BPETokenizer):
+    return ([tokenizer.bos_id] if tokenizer.add_bos
+            and tokenizer.bos_id is not None else [])
+  return [EOS_ID]
+
+
 load = _Base.load
 from_serialized = _Base.from_serialized
 

@@ -110,7 +110,9 @@ def test_imported_cached_decoding_equals_full(imported):
   forward passes one token at a time."""
   _, _, base, _ = imported
   run, params = evaluate.load(str(base / 'run'))
-  m = run.task.module()
+  # Causal: the logits at position t ignore what follows, so one jitted
+  # forward over a fixed-length row serves every prefix.
+  full = jax.jit(run.task.module().apply)
   rng = np.random.default_rng(1)
   prompts = [rng.integers(3, VOCAB, n).tolist() for n in (5, 9)]
   got = sampling.generate_ids(run, params, prompts, max_new_tokens=8,
@@ -118,8 +120,10 @@ def test_imported_cached_decoding_equals_full(imported):
   for prompt, new in zip(prompts, got):
     ids = list(prompt)
     for _ in range(8):
-      logits = m.apply({'params': params}, np.asarray([ids]))
-      ids.append(int(np.argmax(logits[0, -1])))
+      row = np.zeros((1, 17), np.int32)
+      row[0, :len(ids)] = ids
+      logits = full({'params': params}, row)
+      ids.append(int(np.argmax(logits[0, len(ids) - 1])))
     assert new == ids[len(prompt):]
 
 
@@ -127,8 +131,11 @@ def test_export_loads_in_transformers_with_the_same_logits(imported,
                                                            tmp_path):
   kind, model, base, _ = imported
   out = tmp_path / 'exported'
-  result = tiny_run.cli('export', f'--workdir={base / "run"}', f'--to={out}')
-  assert result.returncode == 0, result.stderr[-2000:]
+  if kind == 'llama-gqa':  # the command once; the others in-process
+    result = tiny_run.cli('export', f'--workdir={base / "run"}', f'--to={out}')
+    assert result.returncode == 0, result.stderr[-2000:]
+  else:
+    convert.export_checkpoint(str(base / 'run'), str(out))
   loaded = transformers.AutoModelForCausalLM.from_pretrained(
       out, dtype=torch.float32).eval()
   assert type(loaded) is type(model)
@@ -186,7 +193,7 @@ def test_unsupported_architecture_and_missing_tensor_are_one_error(tmp_path):
 
 PROMPTS = ['What is the capital of France?', 'Name three colours.',
            'Write a haiku about the sea.']
-NEW_TOKENS = 24
+NEW_TOKENS = 16
 
 
 @pytest.fixture(scope='module')
@@ -194,9 +201,7 @@ def smollm2(tmp_path_factory):
   if not GGUF.exists():
     pytest.skip(f'{GGUF} not found')
   workdir = tmp_path_factory.mktemp('smollm2') / 'run'
-  result = tiny_run.cli('import', f'--from={GGUF}', f'--workdir={workdir}',
-                        num_devices=1, timeout=600)
-  assert result.returncode == 0, result.stderr[-2000:]
+  convert.import_checkpoint(str(GGUF), str(workdir))
   ref = transformers.AutoModelForCausalLM.from_pretrained(
       GGUF.parent, gguf_file=GGUF.name, dtype=torch.float32).eval()
   ref_tok = transformers.AutoTokenizer.from_pretrained(GGUF.parent,
@@ -207,8 +212,11 @@ def smollm2(tmp_path_factory):
 def test_smollm2_greedy_chat_equals_transformers(smollm2):
   """`transflax generate --chat` (one prompt, the CLI) and a batch of chat
   prompts of different lengths (left-padded prefill) give transformers'
-  greedy tokens on the same GGUF file; logits agree to 2e-3 (float32 sums
-  in another order over 30 layers: see README)."""
+  greedy tokens on the same GGUF file; logits agree to 3e-4. Why that
+  much: transformers' own float32 logits differ from its float64 ones by
+  up to 9.3e-5 on these prompts (logits up to ~38, 30 layers), and ours by
+  9.5e-5; two float32 sums in different orders may each be that far off,
+  in opposite directions (measured between the two: 1.1e-4)."""
   workdir, ref, _ = smollm2
   run, params = evaluate.load(str(workdir))
   tok = run.task.tokenizer
@@ -228,9 +236,9 @@ def test_smollm2_greedy_chat_equals_transformers(smollm2):
   context = contexts[0]
   with torch.no_grad():
     want_logits = ref(torch.tensor([context])).logits.numpy()
-  got_logits = np.asarray(run.task.module().apply({'params': params},
-                                                  np.asarray([context])))
-  assert np.abs(got_logits - want_logits).max() <= 2e-3
+  got_logits = np.asarray(jax.jit(run.task.module().apply)(
+      {'params': params}, np.asarray([context])))
+  assert np.abs(got_logits - want_logits).max() <= 3e-4
   result = tiny_run.cli('generate', f'--workdir={workdir}', '--chat',
                         f'--prompt={PROMPTS[0]}',
                         f'--max_new_tokens={NEW_TOKENS}', num_devices=1)

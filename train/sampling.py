@@ -45,9 +45,8 @@ def prompt_ids(tokenizer, prompt: str, template: chat.ChatTemplate | None = None
   if isinstance(tokenizer, tokenizers.BPETokenizer):
     # An imported checkpoint: BOS first if its documents start with one,
     # else the text itself; an empty prompt starts after end-of-text.
-    if tokenizer.add_bos and tokenizer.bos_id is not None:
-      return tokenizer.bos_id, ids
-    return (ids[0], ids[1:]) if ids else (tokenizer.eos_id, [])
+    context = tokenizers.document_start(tokenizer) + ids
+    return (context[0], context[1:]) if context else (tokenizer.eos_id, [])
   if template is not None:
     return tokenizers.EOS_ID, ids
   if isinstance(tokenizer, tokenizers.CharTokenizer) and ids:

@@ -87,7 +87,12 @@ def import_checkpoint(src: str, workdir: str) -> dict:
                          json.dumps(template.to_json(), indent=2).encode())
   config = defaults.get_config('gpt2_small')
   config.task = 'lm'
-  config.data.corpus = 'text'
+  # `transflax eval` of the import: perplexity on Tiny Shakespeare's val
+  # split (../shared/data), one line per document; any other text with
+  # train.init_from into an lm run with data.corpus=text.
+  config.data.corpus = 'tinyshakespeare'
+  config.data.seq_len = 512
+  config.train.eval_batch_size = 8
   config.data.chat_template = template.name if template else ''
   config.model.update(cfg.to_dict())
   config.train.num_steps = 0

@@ -84,7 +84,8 @@ class SFT(DecoderTask):
     convs = self.conversations(split)
     out = []
     for ids, mask in self.chat_template.render_batch(self.tokenizer, convs):
-      ids, mask = [tokenizers.EOS_ID] + ids, [0] + mask
+      start = tokenizers.document_start(self.tokenizer)
+      ids, mask = start + ids, [0] * len(start) + mask
       out.append({'inputs': ids[:-1], 'targets': ids[1:],
                   'loss_mask': mask[1:]})
     kept, dropped = pipeline.fit_length(
