@@ -270,6 +270,10 @@ class BPETokenizer(_Base):
                                                   add_special_tokens=False)]
     return [r + [self.eos_id] for r in rows] if add_eos else rows
 
+  def token(self, i: int) -> str | None:
+    """The vocabulary entry of id `i` (byte-level spelling)."""
+    return self._tok.id_to_token(i)
+
   def piece_id(self, piece: str) -> int | None:
     """The id of special token `piece` (a chat template's), or None."""
     i = self._tok.token_to_id(piece)

@@ -142,11 +142,19 @@ def test_export_loads_in_transformers_with_the_same_logits(imported,
   tokens = np.random.default_rng(2).integers(0, VOCAB, (2, 11))
   diff = np.abs(_torch_logits(loaded, tokens) - _torch_logits(model, tokens))
   assert diff.max() <= 1e-5, diff.max()
-  reread = tokenizers.BPETokenizer(
-      (out / 'tokenizer.json').read_text(), eos_id=2)
-  assert reread.encode('A man rides.', add_eos=False) == (
-      evaluate.load(str(base / 'run'))[0].task.tokenizer.encode(
-          'A man rides.', add_eos=False))
+  # The tokenizer and its chat template travel too.
+  ours = evaluate.load(str(base / 'run'))[0].task.tokenizer
+  theirs = transformers.AutoTokenizer.from_pretrained(out)
+  text = 'A man rides a horse, 2 dogs play.'
+  assert theirs.encode(text, add_special_tokens=False) == ours.encode(
+      text, add_eos=False)
+  assert theirs.eos_token_id == ours.eos_id
+  messages = [{'role': 'user', 'content': 'Hi!'},
+              {'role': 'assistant', 'content': 'Hello.'}]
+  template = chat.load_template(str(base / 'run'), '', ours, save=False)
+  rendered = theirs.apply_chat_template(messages, tokenize=False)
+  assert theirs(rendered, add_special_tokens=False)['input_ids'] == (
+      template.render(ours, messages)[0])
 
 
 def test_imported_chat_template_renders_like_transformers(imported):
@@ -181,6 +189,18 @@ def test_unsupported_architecture_and_missing_tensor_are_one_error(tmp_path):
   save_file(tensors, folder / 'model.safetensors', metadata={'format': 'pt'})
   with pytest.raises(UserError, match="'model.layers.1.mlp.up_proj.weight' "
                      "is missing"):
+    convert.import_checkpoint(str(folder), str(tmp_path / 'b'))
+  assert not (tmp_path / 'b').exists()  # nothing half-written is left
+  tensors['model.layers.1.mlp.up_proj.weight'] = np.zeros((96, 40), np.float32)
+  save_file(tensors, folder / 'model.safetensors', metadata={'format': 'pt'})
+  with pytest.raises(UserError, match="'model.layers.1.mlp.up_proj.weight' "
+                     "has the wrong shape"):
+    convert.import_checkpoint(str(folder), str(tmp_path / 'b'))
+  tensors['model.layers.1.mlp.up_proj.weight'] = np.zeros((96, 48), np.float32)
+  tensors['model.rope_freqs.weight'] = np.zeros((4,), np.float32)
+  save_file(tensors, folder / 'model.safetensors', metadata={'format': 'pt'})
+  with pytest.raises(UserError, match="'model.rope_freqs.weight' .* has no "
+                     "place"):
     convert.import_checkpoint(str(folder), str(tmp_path / 'b'))
   result = tiny_run.cli('import', f'--from={tmp_path / "nothing.gguf"}',
                         f'--workdir={tmp_path / "c"}')
@@ -223,6 +243,12 @@ def test_smollm2_greedy_chat_equals_transformers(smollm2):
   template = chat.load_template(str(workdir), '', tok, save=False)
   contexts = [template.prompt(tok, [{'role': 'user', 'content': p}])
               for p in PROMPTS]
+  # The template read from the GGUF renders as transformers renders the
+  # file's own Jinja template (default system turn included).
+  ref_tok = smollm2[2]
+  text = ref_tok.apply_chat_template([{'role': 'user', 'content': PROMPTS[0]}],
+                                     tokenize=False, add_generation_prompt=True)
+  assert ref_tok(text, add_special_tokens=False)['input_ids'] == contexts[0]
   end = template.end_id(tok)
   ours = sampling.generate_ids(
       run, params, contexts, max_new_tokens=NEW_TOKENS, eos_id=end,

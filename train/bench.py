@@ -33,6 +33,7 @@ def _setup(config, with_tokenizer: bool | None = None):
   source = init_from.resolve(spec) if spec and with_tokenizer else None
   task = tasks.make_task(config, None, with_tokenizer=with_tokenizer,
                          source=source)
+  rules = partitioning.fit_kv_heads(rules, mesh, task.model_config.kv_heads)
   schedule = state_lib.make_schedule(config.optimizer, task.model_config.d_model,
                                      config.train.num_steps)
   tx = state_lib.make_optimizer(config.optimizer, schedule)

@@ -242,6 +242,9 @@ def generate_ids(run_or_config, params, contexts: list[list[int]], *,
   if min(len(x) for x in contexts) < 1 or max_new_tokens < 1:
     raise ValueError('every context needs a token, and max_new_tokens >= 1')
   total = c - 1 + max_new_tokens
+  if cfg.positions == 'learned' and total > cfg.max_len:
+    raise ValueError(f'{total} positions are past the model\'s {cfg.max_len} '
+                     f'learned ones; generate_text slides a window instead')
   sharding = _state_sharding(params)
   settings = (int(top_k), float(top_p), never or ((), cfg.vocab_size),
               sharding, int(eos_id))
@@ -255,6 +258,13 @@ def generate_ids(run_or_config, params, contexts: list[list[int]], *,
     ids = row.tolist()
     out.append(ids[:ids.index(eos_id) + 1] if eos_id in ids else ids)
   return out
+
+
+def _until_stop(ids: np.ndarray, stop: int) -> np.ndarray:
+  """ids up to and including the first `stop` (what follows is fill: 0,
+  which an imported tokenizer may read as a real token)."""
+  hits = np.flatnonzero(ids == stop)
+  return ids[:hits[0] + 1] if hits.size else ids
 
 
 class _Detokenizer:
@@ -345,14 +355,15 @@ def generate_text(run, params, prompt: str, *, max_new_tokens: int,
     index, ended = int(state.index), bool(np.asarray(state.ended).all())
     if stream is not None and index > len(forced):
       sequence = np.asarray(state.sequences)[0]
-      text = detok(sequence[len(forced):index])
+      text = detok(_until_stop(sequence[len(forced):index], settings[-1]))
       # Hold back a character whose bytes have not all arrived.
       text = text.rstrip('\ufffd')
       if text.startswith(shown) and len(text) > len(shown):
         stream.write(text[len(shown):])
         stream.flush()
         shown = text
-  text = detok(np.asarray(state.sequences)[0, len(forced):])
+  text = detok(_until_stop(np.asarray(state.sequences)[0, len(forced):],
+                          settings[-1]))
   if stream is not None:
     stream.write((text[len(shown):] if text.startswith(shown) else '') + '\n')
     stream.flush()

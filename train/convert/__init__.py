@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 from absl import logging
@@ -45,16 +46,24 @@ def read(path: str):
     if not os.path.exists(conf_path):
       raise UserError(f'{path}: no config.json; --from takes a Hugging Face '
                       f'model folder or a .gguf file')
-    with open(conf_path) as f:
-      family, cfg = hf_lib.model_config(json.load(f), conf_path)
-    get, _ = hf_lib.read_tensors(path)
+    family, cfg = hf_lib.model_config(hf_lib.read_json(conf_path), conf_path)
+    get, names = hf_lib.read_tensors(path)
     tok, template = hf_lib.read_tokenizer(path, cfg.vocab_size)
     report.append(f'{path}: Hugging Face {family} folder')
   else:
     g = gguf_lib.GGUF(path)
     cfg, family = g.model_config(), 'llama'
     get = g.tensor_getter(cfg)
+    names = g.hf_names(cfg)
     tok, template = g.tokenizer(cfg.vocab_size)
+  # A tensor the model does not read is refused, never dropped unseen.
+  unused = sorted(n for n in names - layouts.hf_names(family, cfg)
+                  if not layouts.BUFFERS.match(n)
+                  and not (n == 'lm_head.weight' and cfg.tie_output))
+  if unused:
+    raise UserError(f'{path}: tensor {unused[0]!r} (and {len(unused) - 1} '
+                    f'more) has no place in a {family} model with this '
+                    f'config; transflax does not import it')
     for kind, names in sorted(g.quantization().items()):
       shown = ', '.join(names[:3]) + (', ...' if len(names) > 3 else '')
       what = 'dequantised to float32' if kind not in ('F32',) else 'as is'
@@ -80,6 +89,20 @@ def import_checkpoint(src: str, workdir: str) -> dict:
                     f'transflax needs one to make a workdir')
   for line in report:
     print(line, flush=True)
+  created = not os.path.exists(workdir)
+  try:
+    return _write_workdir(src, workdir, family, cfg, params, tok, template,
+                          start)
+  except BaseException:
+    if created:  # a failed import leaves nothing that looks like a run
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
+
+
+def _write_workdir(src, workdir, family, cfg, params, tok, template, start):
+  from experiments import defaults
+  from train import loop, state as state_lib
+  from train.tasks import base
   os.makedirs(workdir, exist_ok=True)
   tok.save(os.path.join(workdir, base.TOKENIZER_FILE))
   if template is not None:
@@ -106,9 +129,16 @@ def import_checkpoint(src: str, workdir: str) -> dict:
     loop.write_config(config, workdir, run.model_config)
     abstract = run.abstract_state
     flat = _flatten(params)
-    missing = [k for k in _flatten_abstract(abstract.params) if k not in flat]
-    if missing:
-      raise UserError(f'{src}: no tensor for parameter {missing[0]}')
+    for (path, a) in jax.tree_util.tree_flatten_with_path(abstract.params)[0]:
+      key = _key(path)
+      if key not in flat:
+        raise UserError(f'{src}: no tensor for parameter {key}')
+      if tuple(flat[key].shape) != tuple(a.shape):
+        name = layouts.source_names(family, cfg).get(key, key)
+        raise UserError(f'{src}: tensor {name!r} has the wrong shape for '
+                        f'the model its config describes (parameter {key}: '
+                        f'{tuple(flat[key].shape)} instead of '
+                        f'{tuple(a.shape)})')
     placed = jax.tree_util.tree_map_with_path(
         lambda p, a: jax.device_put(
             np.asarray(flat[_key(p)], a.dtype), a.sharding), abstract.params)
@@ -141,7 +171,12 @@ def export_checkpoint(workdir: str, dst: str, which: str = 'latest') -> dict:
   family = hf_lib.family_of(cfg)
   host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32),
                       params)
-  files = hf_lib.write(dst, family, cfg, host, run.task.tokenizer)
+  tok = run.task.tokenizer
+  template = getattr(run.task, 'chat_template', None)
+  if template is None and os.path.exists(os.path.join(workdir,
+                                                      chat.TEMPLATE_FILE)):
+    template = chat.load_template(workdir, '', tok, save=False)
+  files = hf_lib.write(dst, family, cfg, host, tok, template)
   return {'to': os.path.abspath(dst), 'family': family, 'files': files}
 
 
@@ -159,5 +194,3 @@ def _flatten(tree, prefix=()) -> dict[str, np.ndarray]:
   return out
 
 
-def _flatten_abstract(tree) -> list[str]:
-  return [_key(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]

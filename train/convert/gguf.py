@@ -76,8 +76,12 @@ class GGUF:
                       f'not supported (only plain RoPE)')
     p = lambda k: self.need(f'{arch}.{k}')  # noqa: E731
     d, h = int(p('embedding_length')), int(p('attention.head_count'))
+    if 'rope_freqs.weight' in self._tensors:
+      raise UserError(f'{self.path}: tensor rope_freqs.weight (Llama 3.1+ '
+                      f'RoPE frequency scaling) is not supported (only plain '
+                      f'RoPE)')
     vocab = int(self.get(f'{arch}.vocab_size') or
-                len(self.fields['tokenizer.ggml.tokens'].data))
+                len(self.need('tokenizer.ggml.tokens')))
     fields = dict(
         vocab_size=vocab, d_model=d, num_heads=h,
         num_kv_heads=int(self.get(f'{arch}.attention.head_count_kv') or h),
@@ -103,16 +107,26 @@ class GGUF:
       out[t.tensor_type.name].append(name)
     return dict(out)
 
-  def tensor_getter(self, cfg: TransformerConfig):
-    """get(HF name) -> float32 array, dequantised, q/k un-permuted."""
-    import gguf
-    hf_to_gguf = {}
+  def hf_names(self, cfg: TransformerConfig) -> set[str]:
+    """The file's tensors by Hugging Face name (unknown ones as they are)."""
+    table = self._hf_to_gguf(cfg)
+    back = {g: h for h, g in table.items()}
+    return {back.get(name, name) for name in self._tensors}
+
+  def _hf_to_gguf(self, cfg: TransformerConfig) -> dict[str, str]:
+    out = {}
     for g, h in _NAMES.items():
       if '{i}' in g:
         for i in range(cfg.num_decoder_layers):
-          hf_to_gguf[h.format(i=i)] = g.format(i=i)
+          out[h.format(i=i)] = g.format(i=i)
       else:
-        hf_to_gguf[h] = g
+        out[h] = g
+    return out
+
+  def tensor_getter(self, cfg: TransformerConfig):
+    """get(HF name) -> float32 array, dequantised, q/k un-permuted."""
+    import gguf
+    hf_to_gguf = self._hf_to_gguf(cfg)
 
     def get(name: str) -> np.ndarray:
       g = hf_to_gguf.get(name)

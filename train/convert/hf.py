@@ -21,6 +21,14 @@ from train.convert import layouts
 ARCHITECTURES = {'LlamaForCausalLM': 'llama', 'GPT2LMHeadModel': 'gpt2'}
 
 
+def read_json(path: str) -> dict:
+  try:
+    with open(path, encoding='utf-8') as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f'{path}: not valid JSON ({e})') from None
+
+
 def _rope_theta(hf: dict, where: str) -> float:
   rope = hf.get('rope_parameters') or {}
   scaling = hf.get('rope_scaling') or {}
@@ -179,10 +187,12 @@ def read_tokenizer(folder: str, vocab_size: int):
   conf = {}
   conf_path = os.path.join(folder, 'tokenizer_config.json')
   if os.path.exists(conf_path):
-    with open(conf_path, encoding='utf-8') as f:
-      conf = json.load(f)
+    conf = read_json(conf_path)
   from tokenizers import Tokenizer as _HF
-  hf_tok = _HF.from_str(text)
+  try:
+    hf_tok = _HF.from_str(text)
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f'{path}: not a tokenizers tokenizer.json ({e})') from None
 
   def special(key):
     value = conf.get(key)
@@ -210,15 +220,45 @@ def chat_template(jinja: str, tok) -> chat.ChatTemplate | None:
   if tok.piece_id('<|im_start|>') is None or tok.piece_id('<|im_end|>') is None:
     return None
   m = re.search(r"<\|im_start\|>system(?:\\n|\n)(.*?)<\|im_end\|>", jinja)
-  default = m.group(1) if m and '{{' not in m.group(1) else ''
+  # Literal text only: a capture holding Jinja code ("' + message..."),
+  # a template that writes the caller's system turn, is not a default.
+  default = (m.group(1) if m and not any(c in m.group(1) for c in "{}'+\"")
+             else '')
   base = chat.TEMPLATES['chatml']
   return chat.ChatTemplate(base.name, base.header, base.end, base.separator,
                            default_system=default)
 
 
+def jinja_template(template: chat.ChatTemplate) -> str:
+  """transformers' Jinja chat template of our ChatTemplate."""
+  def turn(role):
+    piece, text = template.header[role]
+    return (f"'{piece}{_escape(text)}' + message['content'] + "
+            f"'{template.end}{_escape(template.separator)}'")
+  system = ''
+  if template.default_system:
+    piece, text = template.header['system']
+    system = (f"{{% if loop.first and messages[0]['role'] != 'system' %}}"
+              f"{{{{ '{piece}{_escape(text)}{_escape(template.default_system)}"
+              f"{template.end}{_escape(template.separator)}' }}}}"
+              f"{{% endif %}}")
+  body = ''.join(
+      f"{{% {'if' if i == 0 else 'elif'} message['role'] == '{role}' %}}"
+      f"{{{{ {turn(role)} }}}}" for i, role in enumerate(template.header))
+  piece, text = template.header['assistant']
+  return (f"{{% for message in messages %}}{system}{body}{{% endif %}}"
+          f"{{% endfor %}}{{% if add_generation_prompt %}}"
+          f"{{{{ '{piece}{_escape(text)}' }}}}{{% endif %}}")
+
+
+def _escape(text: str) -> str:
+  return text.replace('\\', '\\\\').replace("'", "\\'").replace('\n', '\\n')
+
+
 def write(folder: str, family: str, cfg: TransformerConfig, params: dict,
-          tokenizer=None) -> list[str]:
-  """Writes config.json + model.safetensors (+ tokenizer.json); the files."""
+          tokenizer=None, template=None) -> list[str]:
+  """Writes config.json + model.safetensors (+ tokenizer.json and
+  tokenizer_config.json with the chat template); the files."""
   from safetensors.numpy import save_file
   os.makedirs(folder, exist_ok=True)
   tensors = layouts.to_hf(family, cfg, params)
@@ -232,7 +272,19 @@ def write(folder: str, family: str, cfg: TransformerConfig, params: dict,
     with open(os.path.join(folder, 'tokenizer.json'), 'w',
               encoding='utf-8') as f:
       f.write(tokenizer.tokenizer_json)
-    written.append('tokenizer.json')
+    token = lambda i: None if i is None else tokenizer.token(i)  # noqa: E731
+    tok_conf = {'tokenizer_class': 'PreTrainedTokenizerFast',
+                'eos_token': token(tokenizer.eos_id),
+                'bos_token': token(tokenizer.bos_id),
+                'pad_token': token(tokenizer.pad_id),
+                'unk_token': token(tokenizer.unk_id),
+                'add_bos_token': tokenizer.add_bos,
+                'clean_up_tokenization_spaces': False}
+    if template is not None:
+      tok_conf['chat_template'] = jinja_template(template)
+    with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
+      json.dump(tok_conf, f, indent=2)
+    written += ['tokenizer.json', 'tokenizer_config.json']
   save_file(tensors, os.path.join(folder, 'model.safetensors'),
             metadata={'format': 'pt'})
   with open(os.path.join(folder, 'config.json'), 'w') as f:

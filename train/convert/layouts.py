@@ -14,6 +14,7 @@ says which entries exist (biases, an untied output).
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import numpy as np
@@ -148,14 +149,36 @@ def entries(family: str, cfg: TransformerConfig) -> list[Entry]:
   return {'llama': llama_entries, 'gpt2': gpt2_entries}[family](cfg)
 
 
+def source_names(family: str, cfg: TransformerConfig) -> dict[str, str]:
+  """Our parameter path ('a/b/c') -> the HF tensor it is made from."""
+  return {'/'.join(path): name.split('#')[0]
+          for path, name, _, _ in entries(family, cfg)}
+
+
+def hf_names(family: str, cfg: TransformerConfig) -> set[str]:
+  """The HF tensors the table reads."""
+  return {name.split('#')[0] for _, name, _, _ in entries(family, cfg)}
+
+
+# Tensors a checkpoint may hold that carry no parameter: GPT-2's causal-mask
+# buffers, rotary frequency caches of older transformers.
+BUFFERS = re.compile(r'.*(\.attn\.(masked_)?bias|rotary_emb\.inv_freq)$')
+
+
 def to_ours(family: str, cfg: TransformerConfig, get: Callable[[str], np.ndarray]
             ) -> dict:
   """Our nested params dict (float32 numpy) from `get(hf_name)`, which
   raises a UserError naming a missing tensor. 'NAME#j' is part j of a fused
   tensor NAME."""
+  from data.errors import UserError
   params: dict = {}
   for path, name, to, _ in entries(family, cfg):
-    value = to(np.asarray(get(name.split('#')[0]), np.float32))
+    raw = np.asarray(get(name.split('#')[0]), np.float32)
+    try:
+      value = to(raw)
+    except ValueError:
+      raise UserError(f'tensor {name.split("#")[0]!r} has shape {raw.shape}, '
+                      f'which does not fit the model its config describes') from None
     node = params
     for key in path[:-1]:
       node = node.setdefault(key, {})
