@@ -202,6 +202,10 @@ def test_unsupported_architecture_and_missing_tensor_are_one_error(tmp_path):
   with pytest.raises(UserError, match="'model.rope_freqs.weight' .* has no "
                      "place"):
     convert.import_checkpoint(str(folder), str(tmp_path / 'b'))
+  (tmp_path / 'taken').mkdir()
+  (tmp_path / 'taken' / 'config.json').write_text('{}')
+  with pytest.raises(UserError, match='already exists and is not empty'):
+    convert.export_checkpoint(str(tmp_path / 'b'), str(tmp_path / 'taken'))
   result = tiny_run.cli('import', f'--from={tmp_path / "nothing.gguf"}',
                         f'--workdir={tmp_path / "c"}')
   assert result.returncode == 2

@@ -163,12 +163,19 @@ def export_checkpoint(workdir: str, dst: str, which: str = 'latest') -> dict:
   """Writes the workdir's DecoderLM as a Hugging Face folder `dst`."""
   from train import evaluate
   from model import DecoderLM
+  if os.path.exists(dst) and os.listdir(dst):
+    raise UserError(f'--to {dst} already exists and is not empty; export '
+                    f'into a new folder (it would overwrite config.json)')
   run, params = evaluate.load(workdir, which)
   if run.task.module_class is not DecoderLM:
     raise UserError(f'{workdir} holds a {run.config.task!r} model; export '
                     f'writes decoder-only language models (tasks lm, sft, dpo)')
   cfg = run.model_config
-  family = hf_lib.family_of(cfg)
+  try:
+    family = hf_lib.family_of(cfg)
+  except UserError as e:
+    raise UserError(f'{workdir}: {e}. Train with those layouts (e.g. '
+                    f'experiments/llama.py, experiments/gpt2.py) to export') from None
   host = jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32),
                       params)
   tok = run.task.tokenizer

@@ -285,8 +285,9 @@ def write(folder: str, family: str, cfg: TransformerConfig, params: dict,
     with open(os.path.join(folder, 'tokenizer_config.json'), 'w') as f:
       json.dump(tok_conf, f, indent=2)
     written += ['tokenizer.json', 'tokenizer_config.json']
-  save_file(tensors, os.path.join(folder, 'model.safetensors'),
-            metadata={'format': 'pt'})
+  weights = os.path.join(folder, 'model.safetensors')
+  save_file(tensors, weights, metadata={'format': 'pt'})
+  os.chmod(weights, 0o644)  # like the other files (it is written as 0600)
   with open(os.path.join(folder, 'config.json'), 'w') as f:
     json.dump(conf, f, indent=2)
   return ['config.json', 'model.safetensors'] + written
