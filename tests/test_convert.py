@@ -233,6 +233,7 @@ def smollm2(tmp_path_factory):
   return workdir, ref, ref_tok
 
 
+@pytest.mark.benchmark
 def test_smollm2_greedy_chat_equals_transformers(smollm2):
   """`transflax generate --chat` (one prompt, the CLI) and a batch of chat
   prompts of different lengths (left-padded prefill) give transformers'
@@ -276,6 +277,7 @@ def test_smollm2_greedy_chat_equals_transformers(smollm2):
   assert result.stdout.strip() == tok.decode([ours[0]])[0].strip()
 
 
+@pytest.mark.benchmark
 def test_smollm2_tokenizer_equals_transformers(smollm2):
   workdir, _, ref_tok = smollm2
   tok = tokenizers.load(workdir / 'tokenizer.model')
