@@ -42,16 +42,12 @@ def prompt_ids(tokenizer, prompt: str, template: chat.ChatTemplate | None = None
     ids = template.prompt(tokenizer, chat.prompt_messages(prompt, 'the prompt'))
   else:
     ids = list(tokenizer.encode(prompt, add_eos=False)) if prompt else []
-  if isinstance(tokenizer, tokenizers.BPETokenizer):
-    # An imported checkpoint: BOS first if its documents start with one,
-    # else the text itself; an empty prompt starts after end-of-text.
-    context = tokenizers.document_start(tokenizer) + ids
-    return (context[0], context[1:]) if context else (tokenizer.eos_id, [])
-  if template is not None:
-    return tokenizers.EOS_ID, ids
-  if isinstance(tokenizer, tokenizers.CharTokenizer) and ids:
-    return ids[0], ids[1:]
-  return tokenizers.EOS_ID, ids
+  # A document starts as training documents did (EOS for ours, BOS or
+  # nothing for imported checkpoints); character models saw one unbroken
+  # stream. An empty context starts after end-of-text.
+  context = ids if isinstance(tokenizer, tokenizers.CharTokenizer) else (
+      tokenizers.document_start(tokenizer) + ids)
+  return (context[0], context[1:]) if context else (tokenizer.eos_id, [])
 
 
 def never_sampled(tokenizer, template: chat.ChatTemplate | None = None
@@ -156,6 +152,8 @@ def _jitted_steps(model_config, start_id: int, top_k: int, top_p: float,
     return jax.lax.while_loop(
         lambda s: (s.index < stop) & ~jnp.all(s.ended),
         lambda s: step(params, s, temperature), state)
+  # XLA:CPU's Eigen dots (as for training; step_lib.compiler_options): a
+  # decode step's few-row matmuls run faster on them than on YNNPACK.
   return jax.jit(steps, out_shardings=sharding, donate_argnums=(1,),
                  compiler_options=step_lib.compiler_options())
 
@@ -185,8 +183,6 @@ def _jitted_prefill(model_config, top_k: int, top_p: float,
     return generate.sample_step(state, lambda tokens, cache: (last, cache),
                                 eos_id=eos_id, temperature=temperature,
                                 top_k=top_k, top_p=top_p)
-  # XLA:CPU's Eigen dots (as for training; step_lib.compiler_options): the
-  # decode step's 16-row GEMMs run faster on them than on YNNPACK.
   return jax.jit(prefill, out_shardings=sharding, donate_argnums=(1,),
                  compiler_options=step_lib.compiler_options())
 
