@@ -41,7 +41,7 @@ in README.md's results table).
 
 from experiments import defaults
 
-STAGES = ('pretrain', 'sft', 'reward', 'dpo')
+STAGES = ('pretrain', 'sft', 'reward', 'dpo', 'ppo', 'grpo')
 
 
 def _model(c, smoke: bool) -> None:
@@ -110,6 +110,22 @@ def get_config(arg: str | None = None):
     c.optimizer.update(learning_rate=1e-5 if not smoke else 1e-4,
                        warmup_steps=20, schedule='constant')
 
+  elif stage in ('ppo', 'grpo'):
+    c.task = stage
+    c.data.corpus = 'chitchat'      # prompts: each chat's opening user turn
+    c.rl.update(reward_model=f'runs/chat_reward{suffix}',
+                reward_context='response', max_prompt_length=64,
+                max_response_length=48, temperature=1.0)
+    c.train.update(init_from=f'runs/chat_sft{suffix}', batch_size=16,
+                   num_steps=200, eval_every=50, checkpoint_every=50,
+                   log_every=10, eval_batch_size=32, best_metric='')
+    c.optimizer.update(learning_rate=1e-5, warmup_steps=0, schedule='constant',
+                       weight_decay=0.0)
+    if stage == 'ppo':
+      c.rl.update(epochs=4, minibatch_size=8, kl_coef=0.05, value_init='reward')
+    else:
+      c.rl.update(group_size=4, epochs=1, minibatch_size=16, kl_coef=0.04)
+
   if smoke:
     c.data.tokenizer.max_sentences = 20000
     c.data.seq_len = 32
@@ -119,4 +135,10 @@ def get_config(arg: str | None = None):
     c.optimizer.warmup_steps = 2
     c.sample.max_new_tokens = 8
     c.reward.sources = 'tweets'
+    if stage in ('ppo', 'grpo'):
+      c.rl.update(max_prompt_length=32, max_response_length=16)
+      c.train.update(batch_size=8, num_steps=4, eval_every=2,
+                     checkpoint_every=2, log_every=1)
+      c.rl.minibatch_size = 4 if stage == 'ppo' else 8
+      c.optimizer.learning_rate = 1e-4
   return c

@@ -25,7 +25,7 @@ def choose_arg(experiment: str, arg: str | None, choices) -> str:
 
 def get_config(preset: str = 'transformer_base') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.task = 'translation'            # translation | lm | mlm | sft | reward | dpo (train/tasks)
+  c.task = 'translation'            # translation | lm | mlm | sft | reward | dpo | ppo | grpo
 
   c.data = ml_collections.ConfigDict()
   c.data.dir = ''                   # '' -> $TRANSFLAX_DATA -> ~/.cache/transflax
@@ -143,6 +143,35 @@ def get_config(preset: str = 'transformer_base') -> ml_collections.ConfigDict:
   c.dpo.loss_type = 'sigmoid'       # sigmoid (DPO) | ipo
   c.dpo.label_smoothing = 0.0       # > 0: conservative DPO (sigmoid only)
   c.dpo.disable_dropout = True      # policy without dropout, as TRL's default
+
+  # RL (tasks ppo, grpo; train/rl/): train.num_steps counts iterations and
+  # train.batch_size the responses sampled per iteration.
+  c.rl = ml_collections.ConfigDict()
+  c.rl.reward_model = ''            # WORKDIR[:STEP|best] of a `reward` run, or
+  c.rl.reward_fn = ''               # MODULE:FUNCTION (prompt, response) -> float
+  c.rl.reward_context = 'conversation'  # conversation | response (reward model input)
+  c.rl.missing_eos_penalty = 0.0    # subtracted from a response cut at max length
+  c.rl.max_prompt_length = 64       # tokens; longer prompts are dropped, counted
+  c.rl.max_response_length = 48     # new tokens per response
+  c.rl.temperature = 1.0            # sampling (the loss uses the same distribution)
+  c.rl.top_k = 0                    # 0 = off (the ratio is then exact)
+  c.rl.top_p = 1.0
+  c.rl.group_size = 4               # grpo: samples per prompt (G)
+  c.rl.epochs = 4                   # passes over each rollout batch
+  c.rl.minibatch_size = 8           # responses per optimizer step
+  c.rl.clip = 0.2                   # ratio clip epsilon
+  c.rl.kl_coef = 0.05               # beta: ppo's KL penalty in the reward; grpo's in the loss
+  c.rl.kl_estimator = 'k1'          # ppo's per-token KL: k1 | k3 (grpo: always k3)
+  c.rl.kl_target = 0.0              # > 0: adapt beta toward this KL per response
+  c.rl.kl_horizon = 10000           # adaptive KL horizon (responses)
+  c.rl.gamma = 1.0                  # GAE discount
+  c.rl.lam = 0.95                   # GAE lambda
+  c.rl.whiten_advantages = True     # ppo
+  c.rl.value_init = 'reward'        # ppo critic from: reward (InstructGPT) | policy
+  c.rl.value_learning_rate = 0.0    # 0: optimizer.learning_rate
+  c.rl.value_clip = 0.2
+  c.rl.scale_rewards = True         # grpo: divide by the group's std
+  c.rl.loss_norm = 'token'          # token (DAPO, TRL) | sequence (GRPO paper)
 
   c.metrics = ml_collections.ConfigDict()
   c.metrics.peak_flops = 0.0        # per-device peak FLOP/s; 0 = look up

@@ -235,22 +235,38 @@ def _is_static(x, value) -> bool:
   return isinstance(x, (int, float)) and x == value
 
 
-def _choose_tokens(logits, rng, temperature, top_k, top_p) -> jax.Array:
-  """logits: [batch, vocab] -> [batch] int32 sampled after the filters."""
+def _choose_tokens(logits, rng, temperature, top_k, top_p
+                   ) -> tuple[jax.Array, jax.Array]:
+  """logits: [batch, vocab] -> ([batch] int32 tokens, [batch] float32 log-probs).
+
+  A sampled token's log-prob is under the distribution it was drawn from:
+  log_softmax of the filtered logits / temperature (with top-k and top-p
+  off, the model's own distribution at that temperature: what an RL loss
+  recomputes). A greedy token's is under the model's temperature-1
+  distribution (a point mass would say only 0).
+  """
   logits = logits.astype(jnp.float32)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def logprob_of(scores, tokens):
+    return jnp.take_along_axis(jax.nn.log_softmax(scores, axis=-1),
+                               tokens[:, None], axis=-1)[:, 0]
+
+  def argmax():
+    return greedy, logprob_of(logits, greedy)
   if _is_static(temperature, 0):
-    return greedy
+    return argmax()
   temperature = jnp.asarray(temperature, jnp.float32)
 
   def sample():
     filtered = top_k_filter(logits / temperature, top_k)
     if not (isinstance(top_p, (int, float)) and top_p >= 1):
       filtered = top_p_filter(filtered, top_p)
-    return jax.random.categorical(rng, filtered).astype(jnp.int32)
+    tokens = jax.random.categorical(rng, filtered).astype(jnp.int32)
+    return tokens, logprob_of(filtered, tokens)
   # A traced temperature may be 0 (greedy): then the random draw over the
   # whole vocabulary, a large part of a small model's step, is skipped.
-  return lax.cond(temperature > 0, sample, lambda: greedy)
+  return lax.cond(temperature > 0, sample, argmax)
 
 
 class SamplingState(NamedTuple):
@@ -262,12 +278,16 @@ class SamplingState(NamedTuple):
   ended: [batch] bool, True once the row sampled EOS.
   cache: decoder cache with rows [batch, ...].
   rng: base key; step i samples with fold_in(rng, i).
+  logprobs: [batch, length] float32, each sampled token's log-prob under
+    the distribution it was drawn from (`_choose_tokens`); 0 where a token
+    was forced or the row had ended.
   """
   index: jax.Array
   sequences: jax.Array
   ended: jax.Array
   cache: PyTree
   rng: jax.Array
+  logprobs: jax.Array
 
 
 def init_sampling(prompt: jax.Array, cache: PyTree, rng: jax.Array, *,
@@ -288,7 +308,8 @@ def init_sampling(prompt: jax.Array, cache: PyTree, rng: jax.Array, *,
       sequences=prompt,
       ended=jnp.zeros(prompt.shape[:1], jnp.bool_),
       cache=cache,
-      rng=rng)
+      rng=rng,
+      logprobs=jnp.zeros(prompt.shape, jnp.float32))
 
 
 def sampling_done(state: SamplingState) -> jax.Array:
@@ -324,18 +345,20 @@ def sample_step(state: SamplingState,
       state.sequences, jnp.maximum(i - 1, 0), axis=1, keepdims=False)
   previous = jnp.where(i > 0, previous, start_id)
   logits, cache = tokens_to_logits(previous[:, None], state.cache)
-  sampled = _choose_tokens(logits, jax.random.fold_in(state.rng, i),
-                           temperature, top_k, top_p)
+  sampled, logprob = _choose_tokens(logits, jax.random.fold_in(state.rng, i),
+                                    temperature, top_k, top_p)
   prompted = lax.dynamic_index_in_dim(state.sequences, i, axis=1,
                                       keepdims=False)
   forced = prompted != 0
   token = jnp.where(state.ended, 0, jnp.where(forced, prompted, sampled))
+  logprob = jnp.where(state.ended | forced, 0.0, logprob)
   return SamplingState(
       index=i + 1,
       sequences=lax.dynamic_update_index_in_dim(state.sequences, token, i, 1),
       ended=state.ended | (~forced & (token == eos_id)),
       cache=cache,
-      rng=state.rng)
+      rng=state.rng,
+      logprobs=lax.dynamic_update_index_in_dim(state.logprobs, logprob, i, 1))
 
 
 def temperature_sample(prompt: jax.Array,
@@ -362,6 +385,14 @@ def temperature_sample(prompt: jax.Array,
       sample_step, tokens_to_logits=tokens_to_logits, eos_id=eos_id,
       temperature=temperature, top_k=top_k, top_p=top_p, start_id=start_id)
   return lax.while_loop(lambda s: ~sampling_done(s), step, state).sequences
+
+
+def response_mask(responses: jax.Array, eos_id: int) -> jax.Array:
+  """[batch, length] 1 on each row's sampled tokens up to and including its
+  first `eos_id` (all of them when it has none), 0 on the fill after it."""
+  is_eos = responses == eos_id
+  after = jnp.cumsum(is_eos, axis=-1) - is_eos  # EOS seen before this token
+  return (after == 0).astype(jnp.int32)
 
 
 def greedy_search(cache: PyTree,

@@ -95,8 +95,8 @@ def _cmd_train() -> None:
     from train import bench
     bench.dry_run(config)
     return
-  from train import loop
-  final = loop.train_and_evaluate(config, _require('workdir'))
+  from train import tasks
+  final = tasks.trainer(config)(config, _require('workdir'))
   if jax.process_index() == 0:  # One result line per run, not per host.
     print(json.dumps({k: v for k, v in final.items()
                       if isinstance(v, (int, float, str))}, sort_keys=True))

@@ -24,7 +24,7 @@ import sacrebleu
 from data import tokenizer as tokenizers
 from data.errors import UserError
 from model import EncoderDecoder, generate, init_cache
-from train import checkpoint
+from train import checkpoint, init_from
 
 
 def _round_up(n: int, multiple: int = 8) -> int:
@@ -46,12 +46,26 @@ def load(workdir: str, which: str = 'latest'):
     step = 'latest'
     ckpt = checkpoint.Checkpointer(workdir, subdir='checkpoints_avg',
                                    best_metric=None, read_only=True)
+  if run.task.loop == 'rl' and which != 'average':
+    return run, _policy_params(run, workdir, which)
   restored = ckpt.restore(run.abstract_state, step=step)
   if restored is None:
     hint = ('run `transflax average` first' if which == 'average'
             else 'train first')
     raise UserError(f'no checkpoint in {ckpt.directory}; {hint}')
   return run, restored[1].params
+
+
+def _policy_params(run, workdir: str, which: str):
+  """The policy's params of an RL checkpoint (which also holds a value
+  model and the KL state), read like train.init_from reads any run's."""
+  source = init_from.resolve(f'{workdir}:{which}')
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding),
+                       run.abstract_state.params)
+  params, _ = init_from.load_params(source, zeros, workdir=workdir,
+                                    model=run.model_config.to_dict(),
+                                    require_all=True)
+  return params
 
 
 def average(workdir: str, last_n: int) -> int:

@@ -78,7 +78,7 @@ class Run:
     self.model_config = self.task.model_config
     self.rules = partitioning.fit_kv_heads(self.rules, self.mesh,
                                            self.model_config.kv_heads)
-    num_steps = config.train.num_steps
+    num_steps = self.task.optimizer_steps(config.train.num_steps)
     self.schedule = state_lib.make_schedule(config.optimizer,
                                             self.model_config.d_model, num_steps)
     self.tx = state_lib.make_optimizer(config.optimizer, self.schedule)
@@ -146,11 +146,12 @@ class Run:
     self._frozen = {}
     for name, spec in self.task.frozen_sources().items():
       if spec == tasks.base.INIT_FROM:
-        if self.source is None:
+        if self.source is None and self.task.needs_source:
           raise UserError(f'task {self.config.task} needs train.init_from: '
                           f'its frozen {name!r} tree is the run it starts '
                           f'from (e.g. the SFT run)')
-        tree = params  # the parameters just copied from the source
+        tree = params  # the parameters just copied from the source (or
+        # a fresh run's first parameters, for a task that needs no source)
       else:
         source = init_from.resolve(spec)
         tree, report = init_from.load_params(

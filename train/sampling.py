@@ -92,13 +92,42 @@ def logits_mask(never: tuple[tuple[int, ...], int], vocab_size: int):
   return jnp.where(jnp.asarray(banned), generate.NEG_INF, 0.0)
 
 
-def _state_sharding(params) -> jax.sharding.Sharding:
-  """Replicated over the devices that hold `params`."""
+def _state_sharding(params, rows: int = 1) -> jax.sharding.Sharding:
+  """Where a sampling state of `rows` rows lives: over the devices that hold
+  `params`, its rows split over the mesh's data and fsdp axes when they
+  divide evenly (a batch of rollouts), else replicated (one chat)."""
   sharding = jax.tree_util.tree_leaves(params)[0].sharding
   if isinstance(sharding, jax.sharding.NamedSharding):
-    return jax.sharding.NamedSharding(sharding.mesh,
-                                      jax.sharding.PartitionSpec())
+    mesh = sharding.mesh
+    shards = mesh.shape.get('data', 1) * mesh.shape.get('fsdp', 1)
+    spec = (jax.sharding.PartitionSpec(('data', 'fsdp'))
+            if rows % shards == 0 and set(mesh.axis_names) >= {'data', 'fsdp'}
+            else jax.sharding.PartitionSpec())
+    return jax.sharding.NamedSharding(mesh, spec)
   return jax.sharding.SingleDeviceSharding(next(iter(sharding.device_set)))
+
+
+def _leaf_shardings(tree, sharding):
+  """Per leaf of a sampling state: `sharding` for [rows, ...] arrays, the
+  same devices replicated for 0-d counters and the PRNG key."""
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.tree.map(lambda _: sharding, tree)
+  whole = jax.sharding.NamedSharding(sharding.mesh,
+                                     jax.sharding.PartitionSpec())
+  out = jax.tree.map(lambda x: whole if jnp.ndim(x) == 0 else sharding, tree)
+  if isinstance(tree, generate.SamplingState):  # one key for every row
+    out = out._replace(rng=whole)
+  return out
+
+
+def _constrain(state, sharding):
+  """The state's leaves pinned to `_leaf_shardings` inside a jitted
+  function, so that its output lands where its input came from and one
+  program serves every call."""
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return state
+  return jax.tree.map(jax.lax.with_sharding_constraint, state,
+                      _leaf_shardings(state, sharding))
 
 
 # Tokens sampled per device call while streaming: text appears in small
@@ -149,12 +178,13 @@ def _jitted_steps(model_config, start_id: int, top_k: int, top_p: float,
         temperature=temperature, top_k=top_k, top_p=top_p, start_id=start_id)
 
   def steps(params, state, temperature, stop):
-    return jax.lax.while_loop(
+    return _constrain(jax.lax.while_loop(
         lambda s: (s.index < stop) & ~jnp.all(s.ended),
-        lambda s: step(params, s, temperature), state)
+        lambda s: _constrain(step(params, s, temperature), sharding), state),
+        sharding)
   # XLA:CPU's Eigen dots (as for training; step_lib.compiler_options): a
   # decode step's few-row matmuls run faster on them than on YNNPACK.
-  return jax.jit(steps, out_shardings=sharding, donate_argnums=(1,),
+  return jax.jit(steps, donate_argnums=(1,),
                  compiler_options=step_lib.compiler_options())
 
 
@@ -180,45 +210,106 @@ def _jitted_prefill(model_config, top_k: int, top_p: float,
     last = logits[:, 0] + logits_mask(never, model_config.vocab_size)
     state = state._replace(cache=mut['cache'])
     # The step's own logic picks the token (same rng stream as stepping).
-    return generate.sample_step(state, lambda tokens, cache: (last, cache),
-                                eos_id=eos_id, temperature=temperature,
-                                top_k=top_k, top_p=top_p)
-  return jax.jit(prefill, out_shardings=sharding, donate_argnums=(1,),
+    return _constrain(generate.sample_step(
+        state, lambda tokens, cache: (last, cache), eos_id=eos_id,
+        temperature=temperature, top_k=top_k, top_p=top_p), sharding)
+  return jax.jit(prefill, donate_argnums=(1,),
                  compiler_options=step_lib.compiler_options())
 
 
+def left_pad(contexts: list[list[int]], width: int | None = None
+             ) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens, real) [b, width] int32 / bool: contexts right-aligned after
+  padding (width: the longest context by default)."""
+  width = width or max(len(x) for x in contexts)
+  tokens = np.zeros((len(contexts), width), np.int32)
+  real = np.zeros((len(contexts), width), bool)
+  for r, ids in enumerate(contexts):
+    if not 0 < len(ids) <= width:
+      raise ValueError(f'context {r} has {len(ids)} tokens; 1 to {width} fit')
+    tokens[r, width - len(ids):] = ids
+    real[r, width - len(ids):] = True
+  return tokens, real
+
+
 def start_sampling(model_config, params, contexts, *, total: int,
-                   settings: tuple, temperature, seed: int,
+                   settings: tuple, temperature, seed,
                    cache_len: int | None = None) -> generate.SamplingState:
-  """The sampling state after prefilling `contexts` (lists of ids, each the
-  tokens fed before the first sample; different lengths are left-padded)
-  and sampling the first token.
+  """The sampling state after prefilling `contexts` and sampling the first
+  token. `contexts`: lists of ids, each the tokens fed before the first
+  sample (different lengths are left-padded), or `left_pad`'s (tokens,
+  real) arrays (host numpy, or global arrays already on the devices).
 
   Row r's sequence holds its context after the first token (left-padded)
-  then samples: with c the longest context, position c - 1 is the first
+  then samples: with c the context width, position c - 1 is the first
   sample and `total` >= c is the sequence length; the cache has `total`
   slots (or `cache_len`: a sliding window takes over there).
-  `settings`: (top_k, top_p, never, sharding, eos_id).
+  `settings`: (top_k, top_p, never, sharding, eos_id); `seed`: an int or
+  a PRNG key.
   """
-  c = max(len(x) for x in contexts)
-  tokens = np.zeros((len(contexts), c), np.int32)
-  real = np.zeros((len(contexts), c), bool)
-  for r, ids in enumerate(contexts):
-    tokens[r, c - len(ids):] = ids
-    real[r, c - len(ids):] = True
-  sequences = np.zeros((len(contexts), total), np.int32)
-  sequences[:, :c - 1] = tokens[:, 1:]
+  tokens, real = (contexts if isinstance(contexts, tuple)
+                  else left_pad(contexts))
+  b, c = tokens.shape
   sharding = settings[3]
-  cache = init_cache(DecoderLM(model_config.replace(decode=True)),
-                     len(contexts), cache_len or total)
+  cache = init_cache(DecoderLM(model_config.replace(decode=True)), b,
+                     cache_len or total)
+  # A copy: the state is donated to the prefill, the caller's key is not.
+  rng = jax.random.PRNGKey(seed) if isinstance(seed, int) else jnp.copy(seed)
   state = generate.SamplingState(
-      index=jnp.int32(c - 1), sequences=jnp.asarray(sequences),
-      ended=jnp.zeros((len(contexts),), bool), cache=cache,
-      rng=jax.random.PRNGKey(seed))
-  state = jax.device_put(state, sharding)
+      index=jnp.int32(c - 1), sequences=jnp.zeros((b, total), jnp.int32),
+      ended=jnp.zeros((b,), bool), cache=cache, rng=rng,
+      logprobs=jnp.zeros((b, total), jnp.float32))
+  state = jax.device_put(state, _leaf_shardings(state, sharding))
+  tokens, real = (jax.device_put(x, _leaf_shardings(x, sharding))
+                  if isinstance(x, np.ndarray) else x for x in (tokens, real))
+  # The context after its first token is what the sequence starts with.
+  state = state._replace(sequences=_with_context(state.sequences, tokens))
   return _jitted_prefill(model_config, *settings)(
-      params, state, jax.device_put(jnp.asarray(tokens), sharding),
-      jax.device_put(jnp.asarray(real), sharding), temperature)
+      params, state, tokens, real, temperature)
+
+
+@jax.jit
+def _with_context(sequences, tokens):
+  return jax.lax.dynamic_update_slice_in_dim(sequences, tokens[:, 1:], 0, 1)
+
+
+def sample_batch(model_config, params, contexts, *, max_new_tokens: int,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 seed=0, eos_id: int,
+                 never: tuple[tuple[int, ...], int] | None = None
+                 ) -> generate.SamplingState:
+  """The finished sampling state of a batch of contexts: one prefill call
+  (left-padded; the padding is never attended to and positions count real
+  tokens only), then up to `max_new_tokens` - 1 cached steps, all rows at
+  once, its rows spread over the mesh's data axes when they divide evenly.
+
+  With c the context width, `sequences[:, c - 1:]` [b, max_new_tokens] are
+  the new tokens (a row stops after `eos_id`, then 0s) and `logprobs[:, c -
+  1:]` their log-probs (model/generate.py `_choose_tokens`). `contexts` as
+  for `start_sampling`; `never`: ids never sampled (`never_sampled`;
+  default none). Fixed shapes: the same context width and max_new_tokens
+  reuse one compiled program. Rotary or sinusoidal positions, or learned
+  ones within max_len (no sliding window here).
+  """
+  cfg = model_config
+  tokens = contexts[0] if isinstance(contexts, tuple) else None
+  b, c = tokens.shape if tokens is not None else (
+      len(contexts), max(len(x) for x in contexts))
+  if c < 1 or max_new_tokens < 1:
+    raise ValueError('every context needs a token, and max_new_tokens >= 1')
+  total = c - 1 + max_new_tokens
+  if cfg.positions == 'learned' and total > cfg.max_len:
+    raise ValueError(f'{total} positions are past the model\'s {cfg.max_len} '
+                     f'learned ones; generate_text slides a window instead')
+  sharding = _state_sharding(params, b)
+  settings = (int(top_k), float(top_p), never or ((), cfg.vocab_size),
+              sharding, int(eos_id))
+  temp = jax.device_put(jnp.float32(temperature),
+                        _leaf_shardings(jnp.float32(0), sharding))
+  state = start_sampling(cfg, params, contexts, total=total,
+                         settings=settings, temperature=temp, seed=seed)
+  steps = _jitted_steps(cfg, 0, *settings)
+  return steps(params, state, temp, np.int32(total))
 
 
 def generate_ids(run_or_config, params, contexts: list[list[int]], *,
@@ -226,29 +317,13 @@ def generate_ids(run_or_config, params, contexts: list[list[int]], *,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  eos_id: int, never: tuple[tuple[int, ...], int] | None = None
                  ) -> list[list[int]]:
-  """New ids for a batch of contexts of any lengths: one prefill call
-  (left-padded; the padding is never attended to and positions count real
-  tokens only), then up to `max_new_tokens` - 1 cached steps, all rows at
-  once. A row stops after `eos_id` (kept as its last id). `never`: ids
-  never sampled (`never_sampled`; default none). Rotary or
-  sinusoidal positions only (no window past learned positions' max_len).
-  """
+  """New ids for a batch of contexts of any lengths (`sample_batch`), each
+  row up to and including its `eos_id`."""
   cfg = getattr(run_or_config, 'model_config', run_or_config)
   c = max(len(x) for x in contexts)
-  if min(len(x) for x in contexts) < 1 or max_new_tokens < 1:
-    raise ValueError('every context needs a token, and max_new_tokens >= 1')
-  total = c - 1 + max_new_tokens
-  if cfg.positions == 'learned' and total > cfg.max_len:
-    raise ValueError(f'{total} positions are past the model\'s {cfg.max_len} '
-                     f'learned ones; generate_text slides a window instead')
-  sharding = _state_sharding(params)
-  settings = (int(top_k), float(top_p), never or ((), cfg.vocab_size),
-              sharding, int(eos_id))
-  temp = jax.device_put(jnp.float32(temperature), sharding)
-  state = start_sampling(cfg, params, contexts, total=total,
-                         settings=settings, temperature=temp, seed=seed)
-  steps = _jitted_steps(cfg, 0, *settings)
-  state = steps(params, state, temp, np.int32(total))
+  state = sample_batch(cfg, params, contexts, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_k=top_k, top_p=top_p,
+                       seed=seed, eos_id=eos_id, never=never)
   out = []
   for row in np.asarray(state.sequences)[:, c - 1:]:
     ids = row.tolist()

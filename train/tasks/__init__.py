@@ -6,6 +6,7 @@
   sft          instruction tuning on conversations: loss on assistant turns
   reward       a scalar reward model from K-way human rankings (InstructGPT)
   dpo          Direct Preference Optimisation against a frozen reference
+  ppo, grpo    RLHF policies (train/rl/policy.py), trained by the RL loop
 
 A task builds its tokenizer, model(s) and datasets from the experiment config
 and owns its objective, `loss(params, frozen, batch, rng) -> (loss_sum,
@@ -41,8 +42,18 @@ def make_task(config, workdir: str | None, *, with_tokenizer: bool = True,
                                source=source)
 
 
+def trainer(config):
+  """The function that trains `config.task`: (config, workdir) -> metrics."""
+  if config.task in REGISTRY and REGISTRY[config.task].loop == 'rl':
+    from train.rl import loop
+    return loop.train
+  from train import loop
+  return loop.train_and_evaluate
+
+
 # Registration happens on import; the order is the docstring's.
 from train.tasks import translation, lm, mlm, sft, reward, dpo  # noqa: E402,F401
+from train.rl import policy  # noqa: E402,F401  (ppo, grpo)
 
-__all__ = ['Task', 'REGISTRY', 'register', 'make_task', 'model_config',
+__all__ = ['Task', 'REGISTRY', 'register', 'make_task', 'trainer', 'model_config',
            'split_files', 'TOKENIZER_FILE']

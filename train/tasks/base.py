@@ -85,6 +85,10 @@ class Task:
   name = ''
   module_class: Any = None
   batch_keys: tuple[str, ...] = ()
+  # Which loop trains it: 'supervised' (train/loop.py) or 'rl' (train/rl/).
+  loop = 'supervised'
+  # Its INIT_FROM frozen trees need train.init_from (else: the fresh params).
+  needs_source = True
 
   def __init__(self, config, workdir: str | None, *, with_tokenizer=True,
                source=None):
@@ -164,6 +168,10 @@ class Task:
     the trainable tree's shapes (`init_params`) and is passed to `loss` in
     `frozen[name]`; none by default."""
     return {}
+
+  def optimizer_steps(self, num_steps: int) -> int:
+    """Optimizer updates in train.num_steps steps (the schedule's length)."""
+    return num_steps
 
   # -- objective --------------------------------------------------------------
   def loss(self, params, frozen, batch, rng):
