@@ -1,4 +1,4 @@
-r"""The ChatGPT recipe from scratch on a laptop CPU: pretrain -> SFT -> reward model -> DPO.
+r"""The ChatGPT recipe from scratch on a laptop CPU: pretrain -> SFT -> reward model -> DPO / PPO / GRPO.
 
   pip install -e ".[test,chat]"        # chitchat-dataset, vaderSentiment
   export TRANSFLAX_DATA=../shared/data
@@ -6,9 +6,11 @@ r"""The ChatGPT recipe from scratch on a laptop CPU: pretrain -> SFT -> reward m
   transflax train --config experiments/chat.py:sft      --workdir runs/chat_sft
   transflax train --config experiments/chat.py:reward   --workdir runs/chat_reward
   transflax train --config experiments/chat.py:dpo      --workdir runs/chat_dpo
+  transflax train --config experiments/chat.py:ppo      --workdir runs/chat_ppo
+  transflax train --config experiments/chat.py:grpo     --workdir runs/chat_grpo
   transflax generate --workdir runs/chat_sft --prompt "hi! how was your day?"
 
-Args after the colon: pretrain, sft, reward, dpo; each with a `-smoke`
+Args after the colon: pretrain, sft, reward, dpo, ppo, grpo; each with a `-smoke`
 twin (e.g. `sft-smoke`) that runs the same code on a tiny model in seconds
 and chains from the `-smoke` stage before it (runs/chat_<stage>_smoke).
 
@@ -33,10 +35,22 @@ chain"); give --config.train.init_from=WORKDIR to chain other workdirs.
   dpo       DPO (beta 0.1, lr 1e-5) on every comparison of those human
             rankings as a pair, 400 steps of 16 pairs, against the frozen
             SFT model. Input: runs/chat_sft.
+  ppo       RLHF with PPO (train/rl/): per iteration 16 responses of up to
+            48 tokens to chitchat opening turns, scored by the reward model
+            (on the response alone, as it was trained), a per-token KL
+            penalty to the frozen SFT model (beta 0.05), GAE (gamma 1,
+            lambda 0.95), 4 epochs of minibatches of 8 for the policy and
+            a value model initialised from the reward model; 200
+            iterations, lr 1e-5. Input: runs/chat_sft, runs/chat_reward.
+  grpo      GRPO: 4 prompts x 4 responses per iteration, advantages
+            normalised within each prompt's group, the k3 KL to the SFT
+            model in the loss (beta 0.04), one update per iteration; 200
+            iterations. Input: runs/chat_sft, runs/chat_reward.
 
-Each stage takes 14-19 minutes on a 2-core CPU (the measured wall times,
-losses, the reward model beside VADER and DPO's held-out accuracy and KL are
-in README.md's results table).
+The supervised stages take 14-19 minutes each on a 2-core CPU (the
+measured wall times, losses, the reward model beside VADER, DPO's held-out
+accuracy and KL, and the RL stages' rewards, KL and seconds per iteration
+are in README.md's results table).
 """
 
 from experiments import defaults

@@ -172,6 +172,10 @@ def get_config(preset: str = 'transformer_base') -> ml_collections.ConfigDict:
   c.rl.value_clip = 0.2
   c.rl.scale_rewards = True         # grpo: divide by the group's std
   c.rl.loss_norm = 'token'          # token (DAPO, TRL) | sequence (GRPO paper)
+  c.rl.ptx_coef = 0.0               # PPO-ptx: pretraining loss weight (InstructGPT: 27.8)
+  c.rl.ptx_corpus = ''              # chitchat | tinyshakespeare | text (rl.ptx_files)
+  c.rl.ptx_files = ''               # corpus=text: FILE[,FILE...]
+  c.rl.ptx_length = 64              # tokens per pretraining row
 
   c.metrics = ml_collections.ConfigDict()
   c.metrics.peak_flops = 0.0        # per-device peak FLOP/s; 0 = look up

@@ -291,12 +291,25 @@ def test_grpo_raises_the_reward(chain, tmp_path):
   _check_learned(records)
 
 
-def test_ppo_with_the_reward_model_and_its_refusals(chain, tmp_path):
+def test_ppo_with_the_reward_model_ptx_and_refusals(chain, tmp_path,
+                                                   monkeypatch):
   experiment, workdirs = chain
+  text = pathlib.Path(workdirs['sft']).parent / 'data' / 'text.txt'
   records = _train(chain, tmp_path / 'rm', **{
       'rl.reward_fn': '', 'rl.reward_model': str(workdirs['reward']),
-      'rl.value_init': 'reward', 'train.num_steps': 2, 'train.eval_every': 0})
+      'rl.value_init': 'reward', 'train.num_steps': 3, 'train.eval_every': 0,
+      'rl.ptx_coef': 30.0, 'rl.ptx_corpus': 'text', 'rl.ptx_files': str(text),
+      'rl.ptx_length': 16})
   assert all(np.isfinite(_series(records, 'rollout/reward_mean')))
+  ptx = _series(records, 'train/ptx_loss')  # PPO-ptx: the LM loss is trained
+  assert len(ptx) == 3 and ptx[-1] < ptx[0] - 0.1, ptx
+  # A non-finite reward stops the run; nothing is saved after it.
+  (tmp_path / 'nan_reward.py').write_text(
+      'def nan(prompt, response):\n  return float("nan")\n')
+  monkeypatch.syspath_prepend(str(tmp_path))
+  with pytest.raises(rl_loop.NonFinite, match='non-finite reward'):
+    _train(chain, tmp_path / 'nan', **{'rl.reward_fn': 'nan_reward:nan'})
+  assert tiny_run.committed_steps(tmp_path / 'nan') == []
   for bad, message in (({'rl.reward_model': str(workdirs['sft'])},
                         'holds a \'sft\' run'),
                        ({'rl.reward_model': str(workdirs['pretrain'])},
@@ -333,9 +346,25 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(chain, tmp_path):
       proc.wait()
   resumed_from = tiny_run.committed_steps(workdir)[-1]
   assert resumed_from < 6, 'the run finished before it was killed'
+  # The resumed run gets SIGTERM after an iteration: it saves and exits 0.
+  logged = len(tiny_run.metrics(workdir))
+  with open(tmp_path / 'terminated.log', 'w') as log:
+    proc = tiny_run.start_cli(*args, '--workdir', str(workdir), log=log)
+    try:
+      tiny_run.wait_for(lambda: len(tiny_run.metrics(workdir)) > logged, proc,
+                        timeout=240, what='an iteration after resuming')
+      proc.send_signal(signal.SIGTERM)
+      assert proc.wait(120) == 0
+    finally:
+      proc.kill()
+      proc.wait()
+  log_text = (tmp_path / 'terminated.log').read_text()
+  assert f'starting at iteration {resumed_from}' in log_text, log_text[-2000:]
+  stopped_at = tiny_run.committed_steps(workdir)[-1]
+  assert stopped_at > resumed_from
   r = tiny_run.cli(*args, '--workdir', str(workdir))
   assert r.returncode == 0, r.stderr[-3000:]
-  assert f'starting at iteration {resumed_from}' in r.stdout
+  assert f'starting at iteration {stopped_at}' in r.stdout or stopped_at == 6
   want = {m['step']: m for m in tiny_run.metrics(reference)}
   got = {m['step']: m for m in tiny_run.metrics(workdir)}
   for step in range(resumed_from + 1, 7):

@@ -7,12 +7,15 @@ Two jitted programs per run, with explicit shardings over the mesh:
       and the advantages: PPO's GAE over the KL-penalised token rewards and
       the value model's estimates (then whitened), or GRPO's group-normalised
       scores.
-  update(policy, value, batch, key)
+  update(policy, value, batch, key, ptx)
       rl.epochs passes over the batch in shuffled minibatches of
       rl.minibatch_size rows, all inside one `lax.scan` (no host round trip
       between optimizer steps): the clipped surrogate (plus GRPO's k3 KL to
       the reference, with coefficient rl.kl_coef) for the policy and the
       clipped value loss for the value model, each with its own optimizer.
+      PPO-ptx (InstructGPT eq. 2): with rl.ptx_coef > 0, each policy step
+      also takes a next-token loss on its own minibatch of pretraining rows
+      (`ptx`), weighted by rl.ptx_coef.
 
 The policy's log-probs are recomputed exactly as the sampler drew: logits
 plus the never-sampled mask, over rl.temperature (top-k and top-p off), from
@@ -138,7 +141,7 @@ class Learner:
     return self._prepare(reference, value_params, batch, scores, kl_coef)
 
   # -- update -------------------------------------------------------------------
-  def _policy_loss(self, params, mb):
+  def _policy_loss(self, params, mb, ptx=None):
     c, mask = self.c, mb['mask']
     logits, logp = self.scores(params, mb)
     per_seq = c.loss_norm == 'sequence'
@@ -154,7 +157,16 @@ class Learner:
     m['entropy'] = Mean(jnp.sum(jax.lax.stop_gradient(
         losses.entropy(logits)) * mask), tokens)
     m['policy_loss'] = Mean(loss_sum, weight)
-    return loss_sum / jnp.maximum(weight, 1.0), m
+    loss = loss_sum / jnp.maximum(weight, 1.0)
+    if ptx is not None:
+      logits = self.policy.apply({'params': params}, ptx['inputs'], None,
+                                 ptx['inputs_position'])
+      ptx_sum, ptx_weight, _ = objectives.token_loss(
+          logits, ptx['targets'], ptx['loss_mask'])
+      ptx_loss = ptx_sum / jnp.maximum(ptx_weight, 1.0)
+      m['ptx_loss'] = Mean(ptx_loss, jnp.float32(1.0))
+      loss = loss + c.ptx_coef * ptx_loss
+    return loss, m
 
   def _value_loss(self, params, mb):
     loss_sum, weight, m = losses.clipped_value_loss(
@@ -163,19 +175,25 @@ class Learner:
     m['value_loss'] = Mean(loss_sum, weight)
     return loss_sum / jnp.maximum(weight, 1.0), m
 
-  def _update_fn(self, policy, value, batch, key):
+  def _update_fn(self, policy, value, batch, key, ptx):
     c = self.c
     b = batch['mask'].shape[0]
     per_epoch = b // c.minibatch_size
+    steps = c.epochs * per_epoch
     order = jnp.concatenate([jax.random.permutation(jax.random.fold_in(key, e),
                                                     b) for e in range(c.epochs)])
-    order = order.reshape(c.epochs * per_epoch, c.minibatch_size)
+    order = order.reshape(steps, c.minibatch_size)
+    if ptx is not None:  # [steps * rows, l] -> one [rows, l] batch per step
+      ptx = jax.tree.map(lambda x: x.reshape(steps, -1, *x.shape[1:]), ptx)
 
-    def body(carry, idx):
+    def body(carry, xs):
       policy, value = carry
+      idx, ptx_mb = xs
       mb = jax.tree.map(lambda x: _rows(x[idx]), batch)
+      if ptx_mb is not None:
+        ptx_mb = jax.tree.map(_rows, ptx_mb)
       (_, m), grads = jax.value_and_grad(self._policy_loss, has_aux=True)(
-          policy.params, mb)
+          policy.params, mb, ptx_mb)
       m = objectives.normalise(m, jnp.float32(1.0))
       m['policy_grad_norm'] = optax.global_norm(grads)
       policy = policy.apply_gradients(grads)
@@ -187,7 +205,8 @@ class Learner:
         value = value.apply_gradients(vgrads)
       return (policy, value), m
 
-    (policy, value), metrics = jax.lax.scan(body, (policy, value), order)
+    (policy, value), metrics = jax.lax.scan(body, (policy, value),
+                                            (order, ptx))
     out = {k: jnp.mean(v) for k, v in metrics.items()}
     # The first minibatch of the first epoch runs on the sampling policy:
     # its ratio is 1 and nothing is clipped (a check of the log-probs).
@@ -195,7 +214,7 @@ class Learner:
     out['first_ratio'] = metrics['ratio'][0]
     return policy, value, out
 
-  def update(self, policy, value, batch, key):
+  def update(self, policy, value, batch, key, ptx=None):
     if self._update is None:
       run = self.run
       rows, whole = (partitioning.batch_sharding(run.mesh),
@@ -203,7 +222,8 @@ class Learner:
       vshard = self.value.shardings if self.value else None
       self._update = step_lib.Jitted(jax.jit(
           self._update_fn,
-          in_shardings=(run.shardings, vshard, rows, whole),
+          in_shardings=(run.shardings, vshard, rows, whole,
+                        rows if ptx is not None else None),
           out_shardings=(run.shardings, vshard, whole), donate_argnums=(0, 1),
           compiler_options=step_lib.compiler_options()), run.mesh, run.rules)
-    return self._update(policy, value, batch, key)
+    return self._update(policy, value, batch, key, ptx)

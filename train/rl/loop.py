@@ -154,6 +154,28 @@ def _state_tree(policy, value, kl_coef) -> dict:
   return tree
 
 
+def ptx_dataset(run):
+  """PPO-ptx's pretraining rows (rl.ptx_corpus through the `lm` task's
+  pipeline, with the policy's tokenizer): each item holds one policy
+  step's minibatch of rl.ptx_length-token rows for every step of an
+  iteration; None when rl.ptx_coef is 0."""
+  config, r = run.config, run.config.rl
+  if not r.ptx_coef:
+    return None
+  if not r.ptx_corpus:
+    raise UserError('rl.ptx_coef > 0 needs rl.ptx_corpus (chitchat, '
+                    'tinyshakespeare or text with rl.ptx_files)')
+  from train import tasks  # the lm task (train.tasks imports this package)
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.task, c.data.corpus, c.data.seq_len = 'lm', r.ptx_corpus, r.ptx_length
+  c.data.files.train = r.ptx_files
+  task = tasks.make_task(c, run.workdir, source=run.source)
+  per_step = run.local_batch_size(r.minibatch_size, 'rl.minibatch_size')
+  steps = run.task.optimizer_steps(1)
+  return task.train_dataset(per_step * steps, jax.process_index(),
+                            jax.process_count())
+
+
 class NonFinite(UserError):
   """A score or loss became NaN/inf; the last good checkpoint is kept."""
 
@@ -207,8 +229,16 @@ def _train(run, config, workdir):
   eval_prompts = (task.prompts(config.data.eval_split)[:t.eval_batch_size]
                   if t.eval_every else [])
   prompts = PromptIterator(len(train_prompts), t.seed)
+  ptx = ptx_dataset(run)
+  ptx_iter = iter(ptx) if ptx is not None else None
   if data_state is not None:
-    prompts.set_state(data_state)
+    prompts.set_state(data_state['prompts'])
+    if ptx_iter is not None:
+      ptx_iter.set_state(data_state['ptx'])
+
+  def data_state_now():
+    return {'prompts': prompts.get_state(),
+            'ptx': ptx_iter.get_state() if ptx_iter is not None else None}
   group = task.group_size()
   base_key = jax.random.PRNGKey(t.seed)
   # Every evaluation samples with one key (iterations use the others).
@@ -250,7 +280,7 @@ def _train(run, config, workdir):
 
   def save(it, policy, value_state, kl_coef):
     run.ckpt.save(it, _state_tree(policy, value_state, kl_coef),
-                  data_state=prompts.get_state(), meta=run.meta,
+                  data_state=data_state_now(), meta=run.meta,
                   metrics=last_eval if evaluated_at == it else None)
     return it
 
@@ -274,8 +304,11 @@ def _train(run, config, workdir):
           reference, value_state.params if value_state else None, batch,
           _rows(run, scores), kl_coef)
       batch.update(extra)
+      ptx_batch = (run.global_batch(next(ptx_iter)) if ptx_iter is not None
+                   else None)
       policy, value_state, um = learner.update(policy, value_state, batch,
-                                               jax.random.fold_in(key, 1))
+                                               jax.random.fold_in(key, 1),
+                                               ptx_batch)
       pm, um = jax.device_get((pm, um))
       update_time = time.perf_counter() - start - rollout_time
       it += 1

@@ -136,6 +136,12 @@ class Policy(DecoderTask):
       raise UserError(f'no {split} prompt fits rl.max_prompt_length={limit}')
     return out
 
+  def evaluate_split(self, run, params, split=None, **options):
+    raise UserError(f'task {self.name} is evaluated while it trains (eval/'
+                    f'reward_mean and eval/kl in {run.workdir}/metrics.jsonl);'
+                    f' sample it with `transflax generate --workdir '
+                    f'{run.workdir} --chat`')
+
   def train_dataset(self, batch_size, shard_index, shard_count):
     raise UserError(f'task {self.name} trains with the RL loop (rollouts), '
                     f'not from a dataset')
