@@ -196,6 +196,9 @@ def train(config, workdir: str, *, devices: Sequence[jax.Device] | None = None
 def _train(run, config, workdir):
   t, r = config.train, config.rl
   task = run.task
+  run.local_batch_size(t.batch_size, 'train.batch_size')
+  if t.eval_every:
+    run.local_batch_size(t.eval_batch_size, 'train.eval_batch_size')
   reward = rewards_lib.make(config, run)
   value = ValueModel(run, reward) if task.algorithm == 'ppo' else None
   run.check_workdir()
@@ -226,8 +229,11 @@ def _train(run, config, workdir):
           f'{dict(run.mesh.shape)}; starting at iteration {it}', flush=True)
 
   train_prompts = task.prompts(config.data.train_split)
-  eval_prompts = (task.prompts(config.data.eval_split)[:t.eval_batch_size]
-                  if t.eval_every else [])
+  eval_prompts = []
+  if t.eval_every:  # the split's first prompts (repeated if it has fewer)
+    held_out = task.prompts(config.data.eval_split)
+    eval_prompts = [held_out[i % len(held_out)]
+                    for i in range(t.eval_batch_size)]
   prompts = PromptIterator(len(train_prompts), t.seed)
   ptx = ptx_dataset(run)
   ptx_iter = iter(ptx) if ptx is not None else None
@@ -346,6 +352,8 @@ def _train(run, config, workdir):
         logging.warning('signal received: saved iteration %d, exiting', it)
         break
   writer.close()
+  if it == t.num_steps:
+    task.at_end(run, policy, it)  # a reply to sample.prompt
   return {'step': it, **out, **last_eval}
 
 
