@@ -156,6 +156,7 @@ def get_config(preset: str = 'transformer_base') -> ml_collections.ConfigDict:
   c.rl.temperature = 1.0            # sampling (the loss uses the same distribution)
   c.rl.top_k = 0                    # 0 = off (the ratio is then exact)
   c.rl.top_p = 1.0
+  c.rl.ignore_eos = False           # True: every response runs to max_response_length (benchmarks)
   c.rl.group_size = 4               # grpo: samples per prompt (G)
   c.rl.epochs = 4                   # passes over each rollout batch
   c.rl.minibatch_size = 8           # responses per optimizer step

@@ -85,10 +85,19 @@ class Policy(DecoderTask):
 
   # -- prompts ------------------------------------------------------------------
   def stop_id(self) -> int:
+    """The token that ends a response (-1, none, with rl.ignore_eos)."""
+    if self.config.rl.ignore_eos:
+      return -1
     return sampling.stop_id(self.tokenizer, self.chat_template)
 
   def never(self):
-    return sampling.never_sampled(self.tokenizer, self.chat_template)
+    """What is never sampled (sampling.never_sampled); with rl.ignore_eos
+    the end token too, so every response runs to its length limit."""
+    specials, size = sampling.never_sampled(self.tokenizer, self.chat_template)
+    if self.config.rl.ignore_eos:
+      end = sampling.stop_id(self.tokenizer, self.chat_template)
+      specials = tuple(sorted(set(specials) | {end}))
+    return specials, size
 
   def _prompt_messages(self, split: str) -> list[list[dict]]:
     d = self.config.data
