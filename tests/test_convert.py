@@ -25,7 +25,7 @@ from data import chat  # noqa: E402
 from data import tokenizer as tokenizers  # noqa: E402
 from data.errors import UserError  # noqa: E402
 from train import convert, evaluate, sampling  # noqa: E402
-from tests import tiny_run  # noqa: E402
+import tiny_run  # noqa: E402  (tests/ is on sys.path, as for every test module)
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + "
           "'\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}")

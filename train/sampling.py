@@ -387,7 +387,9 @@ def generate_text(run, params, prompt: str, *, max_new_tokens: int,
   sharding = _state_sharding(params)
   settings = (int(start_id), int(top_k), float(top_p),
               never_sampled(tok, template), sharding, stop_id(tok, template))
-  temperature = jax.device_put(jnp.float32(temperature), sharding)
+  temperature = jnp.float32(temperature)
+  temperature = jax.device_put(temperature,
+                               _leaf_shardings(temperature, sharding))
   steps = _jitted_steps(cfg, *settings)
   if len(forced) < cached_len and max_new_tokens > 0:
     # The prompt in one call (prefill), then the first token sampled.
@@ -399,7 +401,7 @@ def generate_text(run, params, prompt: str, *, max_new_tokens: int,
     prompt_arr = jnp.asarray([forced or [0]], jnp.int32)[:, :len(forced)]
     state = generate.init_sampling(prompt_arr, cache, jax.random.PRNGKey(seed),
                                    max_decode_len=total)
-    state = jax.device_put(state, sharding)
+    state = jax.device_put(state, _leaf_shardings(state, sharding))
   # A reply is a turn of its own, decoded without the prompt's context.
   context = ([] if template or start_id == tok.eos_id
              else [start_id]) + ([] if template else forced)
@@ -420,7 +422,8 @@ def generate_text(run, params, prompt: str, *, max_new_tokens: int,
       # The tokens fed so far: start_id, then every output but the last.
       fed = jnp.concatenate([jnp.full((1, 1), start_id, jnp.int32),
                              state.sequences[:, :cached_len - 1]], axis=1)
-      state = state._replace(cache=jax.device_put(fed, sharding))
+      state = state._replace(cache=jax.device_put(
+          fed, _leaf_shardings(fed, sharding)))
     stop = min(index + chunk, cached_len if index < cached_len else total)
     state = steps(params, state, temperature, np.int32(stop))
     index, ended = int(state.index), bool(np.asarray(state.ended).all())
