@@ -115,6 +115,18 @@ def test_group_advantages_equal_the_per_group_formula():
   assert np.all(same == 0)  # a group that all scored alike teaches nothing
 
 
+def test_adaptive_kl_coefficient_follows_its_target():
+  fixed = advantages.KLController(0.1)
+  fixed.update(kl=50.0, n=16)
+  assert fixed.value == 0.1
+  ctl = advantages.KLController(0.1, target=6.0, horizon=1000)
+  ctl.update(kl=9.0, n=100)  # 50% over the target: the error clips at 0.2
+  np.testing.assert_allclose(ctl.value, 0.1 * (1 + 0.2 * 100 / 1000))
+  ctl.update(kl=5.4, n=100)  # 10% under
+  np.testing.assert_allclose(ctl.value,
+                             0.1 * 1.02 * (1 - 0.1 * 100 / 1000))
+
+
 def test_clipped_losses_equal_numpy():
   rng = np.random.default_rng(3)
   b, t, eps = 4, 6, 0.2
