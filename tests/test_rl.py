@@ -337,9 +337,12 @@ def test_ppo_with_the_reward_model_ptx_and_refusals(chain, tmp_path,
 
 def test_sigkill_mid_run_then_resume_is_bit_identical(chain, tmp_path):
   experiment, workdirs = chain
+  # The adaptive KL coefficient moves every iteration: its state resumes too.
   overrides = _rl_overrides(workdirs, **{'train.checkpoint_every': 2,
                                          'train.num_steps': 6,
-                                         'train.eval_every': 0})
+                                         'train.eval_every': 0,
+                                         'rl.kl_target': 0.5,
+                                         'rl.kl_horizon': 64})
   reference = tmp_path / 'reference'
   config = tiny_chat.load_config(experiment, 'sft', **overrides)
   rl_loop.train(config, str(reference))

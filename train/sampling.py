@@ -217,6 +217,25 @@ def _jitted_prefill(model_config, top_k: int, top_p: float,
                  compiler_options=step_lib.compiler_options())
 
 
+def to_host(x: jax.Array) -> np.ndarray:
+  """A global array's whole value on every process."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def global_rows(mesh, rows: np.ndarray) -> jax.Array:
+  """Rows that every process holds -> a global array split over the
+  mesh's data x fsdp axes; each device takes its own rows, wherever the
+  mesh put it."""
+  rows = np.asarray(rows)
+  sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
+  return jax.make_array_from_callback(rows.shape, sharding,
+                                      lambda index: rows[index])
+
+
 def left_pad(contexts: list[list[int]], width: int | None = None
              ) -> tuple[np.ndarray, np.ndarray]:
   """(tokens, real) [b, width] int32 / bool: contexts right-aligned after
@@ -325,7 +344,7 @@ def generate_ids(run_or_config, params, contexts: list[list[int]], *,
                        temperature=temperature, top_k=top_k, top_p=top_p,
                        seed=seed, eos_id=eos_id, never=never)
   out = []
-  for row in np.asarray(state.sequences)[:, c - 1:]:
+  for row in to_host(state.sequences)[:, c - 1:]:
     ids = row.tolist()
     out.append(ids[:ids.index(eos_id) + 1] if eos_id in ids else ids)
   return out

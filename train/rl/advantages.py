@@ -12,6 +12,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 KL_ESTIMATORS = ('k1', 'k3')
@@ -116,4 +117,7 @@ class KLController:
   def update(self, kl: float, n: int) -> None:
     if self.target:
       error = min(max(kl / self.target - 1.0, -0.2), 0.2)
-      self.value *= 1.0 + error * n / self.horizon
+      # Kept in float32, as checkpointed: a resumed run continues from
+      # exactly this value.
+      self.value = float(np.float32(self.value * (1.0 + error * n
+                                                  / self.horizon)))

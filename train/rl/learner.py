@@ -7,11 +7,12 @@ Two jitted programs per run, with explicit shardings over the mesh:
       and the advantages: PPO's GAE over the KL-penalised token rewards and
       the value model's estimates (then whitened), or GRPO's group-normalised
       scores.
-  update(policy, value, batch, key, ptx)
+  update(policy, value, batch, key, kl_coef, ptx)
       rl.epochs passes over the batch in shuffled minibatches of
       rl.minibatch_size rows, all inside one `lax.scan` (no host round trip
       between optimizer steps): the clipped surrogate (plus GRPO's k3 KL to
-      the reference, with coefficient rl.kl_coef) for the policy and the
+      the reference, with the KL coefficient: rl.kl_coef or its adaptive
+      value) for the policy and the
       clipped value loss for the value model, each with its own optimizer.
       PPO-ptx (InstructGPT eq. 2): with rl.ptx_coef > 0, each policy step
       also takes a next-token loss on its own minibatch of pretraining rows
@@ -141,7 +142,7 @@ class Learner:
     return self._prepare(reference, value_params, batch, scores, kl_coef)
 
   # -- update -------------------------------------------------------------------
-  def _policy_loss(self, params, mb, ptx=None):
+  def _policy_loss(self, params, mb, kl_coef, ptx=None):
     c, mask = self.c, mb['mask']
     logits, logp = self.scores(params, mb)
     per_seq = c.loss_norm == 'sequence'
@@ -152,7 +153,7 @@ class Learner:
     if self.algorithm == 'grpo' and c.kl_coef:
       kl = adv_lib.kl_estimate(logp, mb['ref_logprobs'], 'k3')
       kl_sum, _ = losses._reduce(kl, mask, per_seq)
-      loss_sum = loss_sum + c.kl_coef * kl_sum
+      loss_sum = loss_sum + kl_coef * kl_sum
       m['kl'] = Mean(jnp.sum(kl * mask), tokens)
     m['entropy'] = Mean(jnp.sum(jax.lax.stop_gradient(
         losses.entropy(logits)) * mask), tokens)
@@ -175,7 +176,7 @@ class Learner:
     m['value_loss'] = Mean(loss_sum, weight)
     return loss_sum / jnp.maximum(weight, 1.0), m
 
-  def _update_fn(self, policy, value, batch, key, ptx):
+  def _update_fn(self, policy, value, batch, key, kl_coef, ptx):
     c = self.c
     b = batch['mask'].shape[0]
     per_epoch = b // c.minibatch_size
@@ -193,7 +194,7 @@ class Learner:
       if ptx_mb is not None:
         ptx_mb = jax.tree.map(_rows, ptx_mb)
       (_, m), grads = jax.value_and_grad(self._policy_loss, has_aux=True)(
-          policy.params, mb, ptx_mb)
+          policy.params, mb, kl_coef, ptx_mb)
       m = objectives.normalise(m, jnp.float32(1.0))
       m['policy_grad_norm'] = optax.global_norm(grads)
       policy = policy.apply_gradients(grads)
@@ -214,7 +215,7 @@ class Learner:
     out['first_ratio'] = metrics['ratio'][0]
     return policy, value, out
 
-  def update(self, policy, value, batch, key, ptx=None):
+  def update(self, policy, value, batch, key, kl_coef, ptx=None):
     if self._update is None:
       run = self.run
       rows, whole = (partitioning.batch_sharding(run.mesh),
@@ -222,8 +223,8 @@ class Learner:
       vshard = self.value.shardings if self.value else None
       self._update = step_lib.Jitted(jax.jit(
           self._update_fn,
-          in_shardings=(run.shardings, vshard, rows, whole,
+          in_shardings=(run.shardings, vshard, rows, whole, whole,
                         rows if ptx is not None else None),
           out_shardings=(run.shardings, vshard, whole), donate_argnums=(0, 1),
           compiler_options=step_lib.compiler_options()), run.mesh, run.rules)
-    return self._update(policy, value, batch, key, ptx)
+    return self._update(policy, value, batch, key, kl_coef, ptx)

@@ -38,7 +38,7 @@ from absl import logging
 from data.errors import UserError
 from model import ScalarLM
 from train import checkpoint, loop as loop_lib, metrics as metrics_lib
-from train import partitioning, state as state_lib
+from train import partitioning, sampling, state as state_lib
 from train.rl import advantages, rollout as rollout_lib, rewards as rewards_lib
 from train.rl.learner import Learner
 
@@ -90,6 +90,12 @@ class ValueModel:
     cfg = (reward.model_config if r.value_init == 'reward'
            else run.model_config).replace(deterministic=True, dropout_rate=0.0,
                                           attention_dropout_rate=0.0)
+    length = r.max_prompt_length + r.max_response_length
+    if cfg.positions == 'learned' and length > cfg.max_len:
+      raise UserError(f'the value model (rl.value_init={r.value_init}) has '
+                      f'{cfg.max_len} learned positions, fewer than '
+                      f'rl.max_prompt_length + rl.max_response_length = '
+                      f'{length}; lower them')
     self.module = ScalarLM(cfg)
     opt = ml_collections.ConfigDict(config.optimizer.to_dict())
     opt.learning_rate = r.value_learning_rate or opt.learning_rate
@@ -269,13 +275,13 @@ def _train(run, config, workdir):
       bad = int(np.flatnonzero(~np.isfinite(scores))[0])
       raise NonFinite(f'{what}: a non-finite reward ({scores[bad]}) for '
                       f'response {bad}; {_kept(last_good, run)}')
-    return scores, responses
+    return scores, responses, ended
 
   def evaluate(params, it):
     roll = rollout_lib.sample(task, params, run.mesh,
                               [p.ids for p in eval_prompts],
                               eval_key, **sample_kwargs)
-    scores, _ = score(eval_prompts, roll, 'evaluation')
+    scores, _, _ = score(eval_prompts, roll, 'evaluation')
     batch = _batch(roll)
     _, m = learner.prepare(reference, value_state.params if value_state
                            else None, batch, _rows(run, scores), kl_coef)
@@ -303,7 +309,7 @@ def _train(run, config, workdir):
       roll = rollout_lib.sample(task, policy.params, run.mesh,
                                 [p.ids for p in chosen],
                                 jax.random.fold_in(key, 0), **sample_kwargs)
-      scores, responses = score(chosen, roll, f'iteration {it + 1}')
+      scores, responses, ended = score(chosen, roll, f'iteration {it + 1}')
       rollout_time = time.perf_counter() - start
       batch = _batch(roll)
       extra, pm = learner.prepare(
@@ -314,7 +320,7 @@ def _train(run, config, workdir):
                    else None)
       policy, value_state, um = learner.update(policy, value_state, batch,
                                                jax.random.fold_in(key, 1),
-                                               ptx_batch)
+                                               kl_coef, ptx_batch)
       pm, um = jax.device_get((pm, um))
       update_time = time.perf_counter() - start - rollout_time
       it += 1
@@ -327,8 +333,7 @@ def _train(run, config, workdir):
       kl_ctl.update(float(pm['kl']), t.batch_size)
       kl_coef = jax.device_put(jnp.float32(kl_ctl.value),
                                partitioning.replicated(run.mesh))
-      tokens = float(np.sum([len(x) for x in responses])) + float(
-          np.sum(jax.device_get(roll.ended)))
+      tokens = float(np.sum([len(x) for x in responses]) + np.sum(ended))
       out = {'rollout/reward_mean': float(np.mean(scores)),
              'rollout/reward_std': float(np.std(scores)),
              'rollout/kl_coef': float(kl_ctl.value),
@@ -363,7 +368,7 @@ def _batch(roll) -> dict:
 
 def _rows(run, scores: np.ndarray) -> jax.Array:
   """Scores every process holds -> a global [b] array over the data axes."""
-  return rollout_lib._global(run.mesh, np.asarray(scores, np.float32))
+  return sampling.global_rows(run.mesh, np.asarray(scores, np.float32))
 
 
 def _kept(last_good, run) -> str:

@@ -53,6 +53,23 @@ class Policy(DecoderTask):
     if r.loss_norm not in ('token', 'sequence'):
       raise UserError(f'rl.loss_norm={r.loss_norm!r} is not one of token, '
                       f'sequence')
+    for key, low in (('temperature', 1e-6), ('minibatch_size', 1),
+                     ('epochs', 1), ('kl_horizon', 1), ('max_prompt_length', 1),
+                     ('max_response_length', 1)):
+      if not r[key] >= low:
+        raise UserError(f'rl.{key}={r[key]} must be at least {low}')
+    if self.group_size() < 1 or (self.algorithm == 'grpo'
+                                 and self.group_size() < 2):
+      raise UserError(f'rl.group_size={r.group_size}: GRPO compares at least '
+                      f'2 responses per prompt')
+    if r.top_k or r.top_p < 1:
+      logging.warning('rl.top_k=%s / rl.top_p=%s: the loss recomputes the '
+                      'unfiltered distribution, so importance ratios are off '
+                      'from the first step (docs/rl.md)', r.top_k, r.top_p)
+    t = config.train
+    if t.eval_every and t.eval_batch_size % self.group_size():
+      raise UserError(f'train.eval_batch_size={t.eval_batch_size} must be '
+                      f'divisible by rl.group_size={r.group_size}')
     b = config.train.batch_size
     if b % r.minibatch_size or b % self.group_size():
       raise UserError(f'train.batch_size={b} (responses per iteration) must '

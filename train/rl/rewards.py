@@ -33,7 +33,7 @@ from data import chat
 from data import tokenizer as tokenizers
 from data.errors import UserError
 from model import ScalarLM, config_from_dict
-from train import init_from, partitioning, state as state_lib
+from train import init_from, partitioning, sampling, state as state_lib
 from train import step as step_lib
 
 CONTEXTS = ('conversation', 'response')
@@ -149,10 +149,15 @@ class ModelReward:
       context = messages if self.context == 'conversation' else []
       ids = start + t.prompt(tok, context) + list(response) + [
           t.end_id(tok)] + sep
-      if len(ids) > self.length:
-        raise UserError(f'a rendered response for rl.reward_model has '
-                        f'{len(ids)} tokens, more than {self.length}; raise '
-                        f'rl.max_prompt_length or use reward_context=response')
+      limit = self.length
+      if self.model_config.positions == 'learned':
+        limit = min(limit, self.model_config.max_len)
+      if len(ids) > limit:
+        raise UserError(
+            f'a response rendered for rl.reward_model={self.spec} has '
+            f'{len(ids)} tokens, more than it reads ({limit}); '
+            f'lower rl.max_prompt_length or rl.max_response_length, or use '
+            f'rl.reward_context=response')
       out['inputs'][r, :len(ids)] = ids
       out['inputs_segmentation'][r, :len(ids)] = 1
       out['inputs_position'][r, :len(ids)] = np.arange(len(ids))
@@ -170,17 +175,9 @@ class ModelReward:
                                partitioning.batch_sharding(run.mesh)),
           out_shardings=partitioning.replicated(run.mesh),
           compiler_options=step_lib.compiler_options()), run.mesh, run.rules)
-    rows = self.rows(prompts, responses, ended)
-    local = process_rows(rows)
-    return np.asarray(self._score(self.params, run.global_batch(local)),
-                      np.float64)
-
-
-def process_rows(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """This process's slice of global rows that every process holds."""
-  n, i = jax.process_count(), jax.process_index()
-  size = len(next(iter(rows.values()))) // n
-  return {k: v[i * size:(i + 1) * size] for k, v in rows.items()}
+    rows = {k: sampling.global_rows(run.mesh, v)
+            for k, v in self.rows(prompts, responses, ended).items()}
+    return np.asarray(self._score(self.params, rows), np.float64)
 
 
 def make(config, run):

@@ -22,10 +22,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
-
 from model import generate
-from train import partitioning, sampling
+from train import sampling
 
 
 class Rollout(NamedTuple):
@@ -35,21 +33,6 @@ class Rollout(NamedTuple):
   mask: jax.Array        # [b, R] int32: the response's real tokens
   logprobs: jax.Array    # [b, R] float32: under the sampling distribution
   ended: jax.Array       # [b] bool: the response has its end token
-
-
-def to_host(x: jax.Array) -> np.ndarray:
-  """A global array's value on every process."""
-  if jax.process_count() == 1:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def _global(mesh, rows: np.ndarray) -> jax.Array:
-  """Rows every process holds -> a global array split over data x fsdp."""
-  n, i = jax.process_count(), jax.process_index()
-  size = len(rows) // n
-  return jax.make_array_from_process_local_data(
-      partitioning.batch_sharding(mesh), rows[i * size:(i + 1) * size])
 
 
 @jax.jit
@@ -71,7 +54,8 @@ def sample(task, params, mesh, contexts: list[list[int]], key, *,
   """Rollouts of `contexts` (every process passes all rows): width P,
   response length R = `length`, `key` the sampling key."""
   tokens, real = sampling.left_pad(contexts, width)
-  tokens, real = _global(mesh, tokens), _global(mesh, real)
+  tokens, real = (sampling.global_rows(mesh, tokens),
+                  sampling.global_rows(mesh, real))
   stop = task.stop_id()
   state = sampling.sample_batch(
       task.model_config, params, (tokens, real), max_new_tokens=length,
@@ -84,8 +68,8 @@ def sample(task, params, mesh, contexts: list[list[int]], key, *,
 def responses(rollout: Rollout, width: int, stop: int
               ) -> tuple[list[list[int]], np.ndarray]:
   """(each response's ids without its end token, whether it ended), on host."""
-  tokens, mask = to_host(rollout.tokens), to_host(rollout.mask)
-  ended = to_host(rollout.ended)
+  tokens, mask = sampling.to_host(rollout.tokens), sampling.to_host(rollout.mask)
+  ended = sampling.to_host(rollout.ended)
   out = []
   for row, m, done in zip(tokens[:, width:], mask, ended):
     ids = row[:int(m.sum())].tolist()
