@@ -127,7 +127,7 @@ def get_config(arg: str | None = None):
   elif stage in ('ppo', 'grpo'):
     c.task = stage
     # One JAX device using both cores: an RL update's minibatches of 8 rows
-    # ran 2x faster than split over 2 devices (README, RL seconds).
+    # run faster than split over 2 devices (docs/rl.md, Results).
     c.mesh.cpu_devices = 1
     c.data.corpus = 'chitchat'      # prompts: each chat's opening user turn
     c.rl.update(reward_model=f'runs/chat_reward{suffix}',
