@@ -8,7 +8,6 @@ and the toy reward (experiments/rewards.py:letter_a) is the share of the
 letters of a response that are 'a'.
 """
 
-import json
 import pathlib
 import signal
 
@@ -22,7 +21,7 @@ import tiny_run
 from data.errors import UserError
 from model import DecoderLM, TransformerConfig
 from train import loop, partitioning, sampling
-from train.rl import advantages, learner as learner_lib, losses
+from train.rl import advantages, losses
 from train.rl import loop as rl_loop, rollout as rollout_lib
 
 pytestmark = [

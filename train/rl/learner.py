@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from model import DecoderLM, ScalarLM
+from model import DecoderLM
 from train import objectives, partitioning, sampling
 from train import step as step_lib
 from train.objectives import Mean

@@ -190,7 +190,6 @@ def train(config, workdir: str, *, devices: Sequence[jax.Device] | None = None
           ) -> dict[str, Any]:
   """Runs RL iterations up to train.num_steps (resuming if possible);
   returns the last metrics."""
-  t, r = config.train, config.rl
   run = loop_lib.Run(config, workdir, devices=devices)
   try:
     return _train(run, config, workdir)
