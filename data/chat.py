@@ -267,6 +267,40 @@ def completion_messages(completion: Any, where: str) -> list[dict]:
   return completion
 
 
+def read_prompts(path: str) -> list[list[dict]]:
+  """Prompts from JSONL ({"prompt": "..." or [turns]} or {"messages":
+  [turns]}, a trailing assistant turn dropped) or, for any other file, one
+  user turn per non-empty line."""
+  if not path.endswith('.jsonl'):
+    try:
+      with open(path, encoding='utf-8') as f:
+        lines = [line.strip() for line in f]
+    except FileNotFoundError:
+      raise UserError(f'{path} not found; give a prompts file') from None
+    except UnicodeDecodeError as e:
+      raise UserError(f'{path}: not UTF-8 text (byte {e.start}); re-encode '
+                      f'it as UTF-8') from None
+    out = [[{'role': 'user', 'content': line}] for line in lines if line]
+  else:
+    out = []
+    for where, obj in read_jsonl(path):
+      if 'prompt' in obj:
+        messages = prompt_messages(obj['prompt'], where)
+      elif 'messages' in obj:
+        messages = check_messages(obj['messages'], where)
+        while messages and messages[-1]['role'] == 'assistant':
+          messages = messages[:-1]
+      else:
+        raise UserError(f'{where}: a prompt line needs "prompt" or '
+                        f'"messages"')
+      if not messages:
+        raise UserError(f'{where}: the prompt is empty')
+      out.append(messages)
+  if not out:
+    raise UserError(f'{path}: no prompts')
+  return out
+
+
 def read_sft(path: str) -> list[list[dict]]:
   """Conversations from SFT JSONL: {"messages"} or {"prompt", "completion"}."""
   out = []

@@ -115,9 +115,15 @@ def get_config(arg: str | None = None):
     c.optimizer.update(learning_rate=1e-4, warmup_steps=50)
   elif stage == 'dpo':
     c.task = 'dpo'
-    c.data.corpus = 'sentiment'
-    c.data.max_length = 96
-    c.dpo.update(beta=0.1, loss_type='sigmoid', label_smoothing=0.0)
+    # The DPO paper's controlled-sentiment setup: pairs among K = 4 replies
+    # of the SFT model to each chat opening, ranked by the reward model.
+    c.data.corpus = 'sampled'
+    c.data.max_length = 128
+    c.data.test_split = ''          # chitchat's test openings are the judge's
+    c.dpo.update(beta=0.1, loss_type='sigmoid', label_smoothing=0.0,
+                 reward_model=f'runs/chat_reward{suffix}', samples=4,
+                 max_prompt_length=64, max_response_length=48,
+                 train_prompts=2000, eval_prompts=128)
     c.train.update(batch_size=16, num_steps=400, eval_every=200,
                    checkpoint_every=200, max_eval_batches=20,
                    init_from=f'runs/chat_sft{suffix}')
@@ -152,6 +158,9 @@ def get_config(arg: str | None = None):
     c.optimizer.warmup_steps = 2
     c.sample.max_new_tokens = 8
     c.reward.sources = 'tweets'
+    if stage == 'dpo':
+      c.dpo.update(max_prompt_length=32, max_response_length=16,
+                   train_prompts=32, eval_prompts=16, keep_unfinished=True)
     if stage in ('ppo', 'grpo'):
       c.rl.update(max_prompt_length=32, max_response_length=16)
       c.train.update(batch_size=8, num_steps=4, eval_every=2,

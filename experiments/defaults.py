@@ -30,7 +30,7 @@ def get_config(preset: str = 'transformer_base') -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.dir = ''                   # '' -> $TRANSFLAX_DATA -> ~/.cache/transflax
   # translation: multi30k | wmt | parallel; lm, mlm: tinyshakespeare | text |
-  # tokens | chitchat; sft: chitchat | jsonl; reward, dpo: sentiment | jsonl
+  # tokens | chitchat; sft: chitchat | jsonl; reward: sentiment | jsonl; dpo: sentiment | jsonl | sampled
   c.data.corpus = 'multi30k'
   c.data.src_lang = 'en'
   c.data.tgt_lang = 'de'
@@ -143,6 +143,16 @@ def get_config(preset: str = 'transformer_base') -> ml_collections.ConfigDict:
   c.dpo.loss_type = 'sigmoid'       # sigmoid (DPO) | ipo
   c.dpo.label_smoothing = 0.0       # > 0: conservative DPO (sigmoid only)
   c.dpo.disable_dropout = True      # policy without dropout, as TRL's default
+  # data.corpus=sampled (train/preference_sampling.py): pairs from dpo.samples
+  # replies per prompt of train.init_from's model, ranked by dpo.reward_model.
+  c.dpo.reward_model = ''           # a reward run (WORKDIR[:STEP|best])
+  c.dpo.samples = 4                 # replies per prompt (K)
+  c.dpo.sample_temperature = 1.0
+  c.dpo.max_prompt_length = 64      # longer prompts are dropped, counted
+  c.dpo.max_response_length = 48    # replies cut here take no part...
+  c.dpo.keep_unfinished = False     # ... unless this is True
+  c.dpo.train_prompts = 0           # prompts of the train split (0 = all)
+  c.dpo.eval_prompts = 0            # prompts of the eval split (0 = all)
 
   # RL (tasks ppo, grpo; train/rl/): train.num_steps counts iterations and
   # train.batch_size the responses sampled per iteration.

@@ -1,5 +1,5 @@
 """`transflax` subcommands: train, translate, eval, generate, average, bench,
-import, export.
+import, export, judge, chat, serve.
 
   transflax train --config experiments/multi30k.py:en-de --workdir runs/m30k
   transflax translate --workdir runs/m30k < source.txt > hypotheses.txt
@@ -10,6 +10,9 @@ import, export.
   transflax import --from model.gguf --workdir runs/smollm2
   transflax generate --workdir runs/smollm2 --chat --prompt "Hi!"
   transflax export --workdir runs/smollm2 --to exported/smollm2
+  transflax judge --workdir runs/chat_ppo --reward_model runs/chat_reward
+  transflax chat --workdir runs/chat_ppo
+  transflax serve --workdir runs/chat_ppo --port 8000
 
 A mistake the user can fix prints one line `error: ...` and exits with 2.
 """
@@ -29,7 +32,7 @@ from ml_collections import config_flags
 from data.errors import UserError
 
 COMMANDS = ('train', 'translate', 'eval', 'generate', 'average', 'bench',
-            'import', 'export')
+            'import', 'export', 'judge', 'chat', 'serve')
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     'config', None, 'experiment config: experiments/<name>.py[:arg]',
@@ -56,6 +59,24 @@ flags.DEFINE_integer('steps', 20, 'bench: timed train steps')
 flags.DEFINE_string('from', None, 'import: a .gguf file or a Hugging Face '
                     'model folder (config.json + *.safetensors)')
 flags.DEFINE_string('to', None, 'export: the Hugging Face folder to write')
+flags.DEFINE_string('prompts', None, 'judge: prompts file (.jsonl with '
+                    '"prompt"/"messages", or one per line; default: '
+                    'chitchat\'s held-out test openings)')
+flags.DEFINE_string('reference', None, 'judge: the KL\'s reference workdir '
+                    '(default: the run\'s frozen reference, else itself)')
+flags.DEFINE_string('fluency_model', 'runs/smollm2', 'judge: the imported '
+                    'model whose perplexity judges fluency ("" skips it)')
+flags.DEFINE_string('reward_model', None, 'judge: also score the replies '
+                    'with this reward run')
+flags.DEFINE_integer('num_prompts', 0, 'judge: at most this many prompts '
+                     '(0 = all)')
+flags.DEFINE_integer('max_prompt_length', 64, 'judge: longer prompts are '
+                     'dropped and counted')
+flags.DEFINE_string('system', None, 'chat, serve: a system turn first '
+                    '(chat; serve: when a request has none)')
+flags.DEFINE_integer('port', 8000, 'serve: the port')
+flags.DEFINE_string('host', '127.0.0.1', 'serve: the address to listen on')
+flags.DEFINE_integer('max_batch', 8, 'serve: requests decoded together')
 flags.DEFINE_bool('chat', False, 'generate: the prompt is a user turn, '
                   'rendered with the workdir\'s chat template; prints the reply')
 
@@ -180,6 +201,40 @@ def _cmd_export() -> None:
   from train import convert
   print(json.dumps(convert.export_checkpoint(
       _require('workdir'), _require('to'), FLAGS.checkpoint)))
+
+
+def _cmd_judge() -> None:
+  from train import judge
+  result = judge.judge(
+      _require('workdir'), prompts=FLAGS.prompts, checkpoint=FLAGS.checkpoint,
+      reference=FLAGS.reference, fluency_model=FLAGS.fluency_model or None,
+      reward_model=FLAGS.reward_model, num_prompts=FLAGS.num_prompts,
+      max_new_tokens=FLAGS.max_new_tokens or 48,
+      max_prompt_length=FLAGS.max_prompt_length,
+      temperature=1.0 if FLAGS.temperature is None else FLAGS.temperature,
+      seed=FLAGS.seed)
+  if jax.process_index() == 0:
+    print(json.dumps({k: v for k, v in result.items() if k != 'samples'}))
+
+
+def _cmd_chat() -> None:
+  from train import chat
+  model = chat.ChatModel(_require('workdir'), FLAGS.checkpoint,
+                         system=FLAGS.system)
+  s = model.run.config.get('sample') or {}
+  chat.terminal(
+      model, max_new_tokens=FLAGS.max_new_tokens or 128,
+      temperature=(s.get('temperature', 0.7) if FLAGS.temperature is None
+                   else FLAGS.temperature),
+      top_p=s.get('top_p', 1.0) if FLAGS.top_p is None else FLAGS.top_p,
+      top_k=s.get('top_k', 0) if FLAGS.top_k is None else FLAGS.top_k,
+      seed=FLAGS.seed)
+
+
+def _cmd_serve() -> None:
+  from train import serve
+  serve.serve(_require('workdir'), FLAGS.checkpoint, host=FLAGS.host,
+              port=FLAGS.port, max_batch=FLAGS.max_batch, system=FLAGS.system)
 
 
 def _override_paths(argv: list[str]) -> list[str]:

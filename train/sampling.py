@@ -331,6 +331,49 @@ def sample_batch(model_config, params, contexts, *, max_new_tokens: int,
   return steps(params, state, temp, np.int32(total))
 
 
+def stream_batch(model_config, params, contexts: list[list[int]], *,
+                 max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed=0, eos_id: int,
+                 never: tuple[tuple[int, ...], int] | None = None,
+                 width: int | None = None, rows: int | None = None,
+                 chunk: int = STREAM_TOKENS, live=None):
+  """`sample_batch`, yielding as it goes (chat and serve stream replies).
+
+  Yields (new, ended) on the host after the prefill and after every `chunk`
+  cached steps: `new` [b, n] the tokens sampled so far (0 after a row's
+  `eos_id`), `ended` [b] bool. Stops at `max_new_tokens`, when every row
+  has ended, or when `live()` (a [b] bool array: False for a row nobody
+  reads any more) leaves no live row unended. `width` left-pads the contexts
+  wider and `rows` adds dummy rows, so that nearby requests share one
+  compiled program. Closing the generator early is safe.
+  """
+  cfg, b = model_config, len(contexts)
+  width = width or max(len(x) for x in contexts)
+  padded = list(contexts) + [contexts[0]] * ((rows or b) - b)
+  tokens, real = left_pad(padded, width)
+  total = width - 1 + max_new_tokens
+  if cfg.positions == 'learned' and total > cfg.max_len:
+    raise ValueError(f'{total} positions are past the model\'s {cfg.max_len}')
+  sharding = _state_sharding(params, len(padded))
+  settings = (int(top_k), float(top_p), never or ((), cfg.vocab_size),
+              sharding, int(eos_id))
+  temp = jax.device_put(jnp.float32(temperature),
+                        _leaf_shardings(jnp.float32(0), sharding))
+  state = start_sampling(cfg, params, (tokens, real), total=total,
+                         settings=settings, temperature=temp, seed=seed)
+  steps = _jitted_steps(cfg, 0, *settings)
+  index = width   # the prefill sampled the token at width - 1
+  while True:
+    new = np.asarray(state.sequences)[:b, width - 1:index]
+    ended = np.asarray(state.ended)[:b]
+    yield new, ended
+    alive = ~ended if live is None else (~ended & np.asarray(live(), bool))
+    if index >= total or not alive.any():
+      return
+    state = steps(params, state, temp, np.int32(min(index + chunk, total)))
+    index = int(state.index)
+
+
 def generate_ids(run_or_config, params, contexts: list[list[int]], *,
                  max_new_tokens: int, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0,

@@ -122,22 +122,9 @@ class Policy(DecoderTask):
       return [[{'role': 'user', 'content': c[0]}]
               for c in chat.chitchat_chats(split)]
     if d.corpus == 'jsonl':
-      out = []
-      for path in base.split_files(d, split, 'FILE.jsonl[,FILE.jsonl...]'):
-        for where, obj in chat.read_jsonl(path):
-          if 'prompt' in obj:
-            messages = chat.prompt_messages(obj['prompt'], where)
-          elif 'messages' in obj:
-            messages = chat.check_messages(obj['messages'], where)
-            while messages and messages[-1]['role'] == 'assistant':
-              messages = messages[:-1]
-          else:
-            raise UserError(f'{where}: a prompt line needs "prompt" or '
-                            f'"messages"')
-          if not messages:
-            raise UserError(f'{where}: the prompt is empty')
-          out.append(messages)
-      return out
+      return [messages for path in base.split_files(
+          d, split, 'FILE.jsonl[,FILE.jsonl...]')
+              for messages in chat.read_prompts(path)]
     raise UserError(f'data.corpus={d.corpus!r} is not one of chitchat, jsonl '
                     f'for task {self.name}')
 

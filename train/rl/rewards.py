@@ -116,9 +116,9 @@ class ModelReward:
     dummy = np.ones((1, 8), np.int32)
     return self.module.init(rng, dummy, dummy, dummy)['params']
 
-  def load(self, fresh: bool):
+  def load(self, fresh: bool, save: bool = True):
     """The params: from the source on a fresh run (then written into the
-    workdir), else the workdir's copy."""
+    workdir unless `save` is False), else the workdir's copy."""
     workdir = self.run.workdir
     if not fresh:
       self.params = state_lib.load_frozen(workdir, 'reward', self.abstract)
@@ -130,7 +130,8 @@ class ModelReward:
         require_all=True)
     if jax.process_index() == 0:
       print(f'reward model: {report}', flush=True)
-    state_lib.save_frozen(workdir, 'reward', params)
+    if save:
+      state_lib.save_frozen(workdir, 'reward', params)
     self.params = params
     return params
 

@@ -53,14 +53,24 @@ def sample(task, params, mesh, contexts: list[list[int]], key, *,
            top_p: float = 1.0) -> Rollout:
   """Rollouts of `contexts` (every process passes all rows): width P,
   response length R = `length`, `key` the sampling key."""
+  return sample_rows(task.model_config, params, mesh, contexts, key,
+                     width=width, length=length, temperature=temperature,
+                     top_k=top_k, top_p=top_p, stop=task.stop_id(),
+                     never=task.never())
+
+
+def sample_rows(model_config, params, mesh, contexts: list[list[int]], key, *,
+                width: int, length: int, temperature: float, stop: int,
+                never, top_k: int = 0, top_p: float = 1.0) -> Rollout:
+  """`sample` for any decoder: `stop` ends a response, `never`
+  (sampling.never_sampled) is never sampled."""
   tokens, real = sampling.left_pad(contexts, width)
   tokens, real = (sampling.global_rows(mesh, tokens),
                   sampling.global_rows(mesh, real))
-  stop = task.stop_id()
   state = sampling.sample_batch(
-      task.model_config, params, (tokens, real), max_new_tokens=length,
+      model_config, params, (tokens, real), max_new_tokens=length,
       temperature=temperature, top_k=top_k, top_p=top_p, seed=key,
-      eos_id=stop, never=task.never())
+      eos_id=stop, never=never)
   return Rollout(*_layout(tokens, real, state.sequences, state.logprobs,
                           jnp.int32(stop)))
 

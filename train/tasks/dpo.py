@@ -16,8 +16,9 @@ Evaluation on held-out pairs: the loss, the implicit-reward accuracy and
 margin, and the KL of the policy to the reference: the exact KL of their
 next-token distributions, averaged over the response tokens of the held-out
 pairs (`eval/kl_token`). Data (`data.corpus`): `sentiment` (every
-comparison of the human sentiment rankings as a pair, data/preferences.py)
-or `jsonl` (pairs or rankings, `data.files.<split>`).
+comparison of the human sentiment rankings as a pair, data/preferences.py),
+`jsonl` (pairs or rankings, `data.files.<split>`) or `sampled` (replies of
+the SFT model ranked by a reward model: train/preference_sampling.py).
 """
 
 from __future__ import annotations
@@ -117,6 +118,12 @@ class DPO(PreferenceData, DecoderTask):
     return {k: v for k, v in m.items() if k != 'tokens'}
 
   # -- data -----------------------------------------------------------------
+  def rankings(self, split: str):
+    if self.config.data.corpus == 'sampled':
+      from train import preference_sampling
+      return preference_sampling.rankings(self, split)
+    return super().rankings(split)
+
   def rows(self, split: str) -> list[dict]:
     """Every comparison of the split's rankings as a pair (chosen, rejected)."""
     rows, _ = preferences.pair_rows(
@@ -133,6 +140,8 @@ class DPO(PreferenceData, DecoderTask):
     """Every held-out pair (data.test_split): implicit-reward accuracy, KL."""
     out = super().at_end(run, state, step)
     split = self.config.data.test_split
+    if not split:  # e.g. sampled pairs: the test prompts are for judging
+      return out
     held = run.evaluate_loss(state.params, split, max_batches=0)
     out.update({k.replace('eval/', f'test/'): v for k, v in held.items()})
     if jax.process_index() == 0:
