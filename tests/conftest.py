@@ -23,3 +23,24 @@ os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 
 jax.config.update("jax_threefry_partitionable", True)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory):
+  """(experiment file, {stage: workdir}): the tiny chat chain of
+  tests/tiny_chat.py (pretrain -> sft -> reward) trained in-process once
+  for the RL, judge, chat and serve tests."""
+  import tiny_chat
+  from train import loop
+  root = tmp_path_factory.mktemp("rl_chain")
+  workdirs = {s: root / s for s in ("pretrain", "sft", "reward")}
+  experiment = tiny_chat.write(root / "data", sources={
+      "source_sft": str(workdirs["pretrain"]),
+      "source_reward": str(workdirs["sft"]), "source_dpo": ""})
+  for stage in ("pretrain", "sft", "reward"):
+    loop.train_and_evaluate(tiny_chat.load_config(experiment, stage),
+                            str(workdirs[stage]), evaluate_at_end=False)
+  return experiment, workdirs

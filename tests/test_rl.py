@@ -227,20 +227,6 @@ def test_rollouts_are_the_same_on_one_device_and_eight():
 # -- the loop ------------------------------------------------------------------
 
 
-@pytest.fixture(scope='module')
-def chain(tmp_path_factory):
-  """(experiment file, {stage: workdir}): the tiny chain trained in-process."""
-  root = tmp_path_factory.mktemp('rl_chain')
-  workdirs = {s: root / s for s in ('pretrain', 'sft', 'reward')}
-  experiment = tiny_chat.write(root / 'data', sources={
-      'source_sft': str(workdirs['pretrain']),
-      'source_reward': str(workdirs['sft']), 'source_dpo': ''})
-  for stage in ('pretrain', 'sft', 'reward'):
-    loop.train_and_evaluate(tiny_chat.load_config(experiment, stage),
-                            str(workdirs[stage]), evaluate_at_end=False)
-  return experiment, workdirs
-
-
 def _rl_overrides(workdirs, algorithm='ppo', **more):
   prompts = str(pathlib.Path(workdirs['sft']).parent / 'data' / 'sft.jsonl')
   o = {'task': algorithm, 'train.init_from': str(workdirs['sft']),

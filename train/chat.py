@@ -38,7 +38,8 @@ class ChatModel:
   """A chat workdir's model for answering (module docstring)."""
 
   def __init__(self, workdir: str, which: str = 'latest',
-               what: str = '--workdir', system: str | None = None):
+               what: str = '--workdir', system: str | None = None,
+               need_template: bool = True):
     from train import evaluate
     if not os.path.isdir(workdir):
       raise UserError(f'{what} {workdir} not found; train it (README, "The '
@@ -51,13 +52,14 @@ class ChatModel:
     if self.template is None and self.tokenizer is not None:
       self.template = chat.load_template(workdir, '', self.tokenizer,
                                          save=False)
-    if self.template is None:
+    if self.template is None and need_template:
       raise UserError(f'{what} {workdir} holds a {self.run.config.task!r} run '
                       f'without a chat template; give a chat run (sft, dpo, '
                       f'ppo, grpo or an imported chat model)')
     self.config = self.run.model_config
-    self.stop = sampling.stop_id(self.tokenizer, self.template)
-    self.never = sampling.never_sampled(self.tokenizer, self.template)
+    if self.template is not None:
+      self.stop = sampling.stop_id(self.tokenizer, self.template)
+      self.never = sampling.never_sampled(self.tokenizer, self.template)
     self.module = DecoderLM(self.config.replace(
         deterministic=True, dropout_rate=0.0, attention_dropout_rate=0.0))
     self.system = system

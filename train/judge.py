@@ -77,11 +77,13 @@ def _reply_kl(policy_logits, reference_logits, mask):
   return jnp.sum(kl * mask, axis=-1)
 
 
-def _logits_fn(judged: ChatModel, width: int):
+def _logits_fn(model: ChatModel, never, width: int):
+  """The reply positions' logits as the sampler sees them (plus `never`,
+  the judged model's never-sampled mask, for both models)."""
   def logits(params, tokens, segments, positions):
-    out = judged.module.apply({'params': params}, tokens, segments, positions)
+    out = model.module.apply({'params': params}, tokens, segments, positions)
     out = out[:, width - 1:-1].astype(jnp.float32)
-    return out + sampling.logits_mask(judged.never, judged.config.vocab_size)
+    return out + sampling.logits_mask(never, model.config.vocab_size)
   return jax.jit(logits)
 
 
@@ -134,8 +136,9 @@ def judge(workdir: str, *, prompts: str | None = None, checkpoint: str = 'latest
   if reference is None:
     has_reference = 'reference' in run.task.frozen_sources()
     reference = run.config.train.init_from if has_reference else ''
-  ref = ChatModel(reference.split(':')[0], reference.partition(':')[2] or 'latest',
-              '--reference') if reference else judged
+  ref = ChatModel(reference.split(':')[0],
+                  reference.partition(':')[2] or 'latest', '--reference',
+                  need_template=False) if reference else judged
   if ref is not judged and ref.run.meta.get('tokenizer_sha') != run.meta.get(
       'tokenizer_sha'):
     raise UserError(f'--reference {reference} has another tokenizer than '
@@ -159,8 +162,9 @@ def judge(workdir: str, *, prompts: str | None = None, checkpoint: str = 'latest
   if not contexts:
     raise UserError(f'no prompt fits --max_prompt_length={width}')
 
-  policy_logits = _logits_fn(judged, width)
-  ref_logits = policy_logits if ref is judged else _logits_fn(ref, width)
+  policy_logits = _logits_fn(judged, judged.never, width)
+  ref_logits = (policy_logits if ref is judged
+                else _logits_fn(ref, judged.never, width))
   key = jax.random.PRNGKey(seed)
   replies, kls, lengths, ended_all = [], [], [], []
   for lo in range(0, len(contexts), BATCH):

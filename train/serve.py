@@ -77,6 +77,7 @@ class Batcher(threading.Thread):
     self.inbox: queue.Queue = queue.Queue()
     self.waiting: list[Request] = []
     self.batches = 0     # decode batches run (tests read it)
+    self.gate = threading.Lock()   # held: no new batch starts (tests)
     self.live_rows = 0   # rows still being decoded
 
   def submit(self, request: Request) -> None:
@@ -85,6 +86,8 @@ class Batcher(threading.Thread):
   def _next_batch(self) -> list[Request]:
     if not self.waiting:
       self.waiting.append(self.inbox.get())
+    with self.gate:
+      pass
     time.sleep(0.01)   # let requests sent together arrive together
     while True:
       try:
@@ -318,6 +321,11 @@ class Server:
       raise BadRequest('seed must be an integer', 'seed')
     context = self.model.context(turns)
     room = self.model.config.max_len - len(context) + 1
+    if room < 1:
+      raise BadRequest(
+          f'the messages take {len(context)} tokens; this model reads '
+          f'{self.model.config.max_len} in all', 'messages',
+          code='context_length_exceeded')
     key = ('max_completion_tokens' if body.get('max_completion_tokens')
            is not None else 'max_tokens')
     max_tokens = body.get(key)

@@ -176,9 +176,14 @@ class ModelReward:
                                partitioning.batch_sharding(run.mesh)),
           out_shardings=partitioning.replicated(run.mesh),
           compiler_options=step_lib.compiler_options()), run.mesh, run.rules)
-    rows = {k: sampling.global_rows(run.mesh, v)
-            for k, v in self.rows(prompts, responses, ended).items()}
-    return np.asarray(self._score(self.params, rows), np.float64)
+    n = len(responses)
+    # Rows split evenly over the mesh's data axes: pad with the first row.
+    shards = run.mesh.shape.get('data', 1) * run.mesh.shape.get('fsdp', 1)
+    pad = (-n) % shards
+    rows = self.rows(list(prompts) + [prompts[0]] * pad,
+                     list(responses) + [responses[0]] * pad, ended)
+    rows = {k: sampling.global_rows(run.mesh, v) for k, v in rows.items()}
+    return np.asarray(self._score(self.params, rows), np.float64)[:n]
 
 
 def make(config, run):
