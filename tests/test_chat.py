@@ -22,19 +22,17 @@ import os
 import pty
 import select
 import socket
-import subprocess
 import sys
 import threading
 import time
 
 import jax
 import numpy as np
+import openai
 import pytest
 
 import tiny_chat
 from train import chat, judge, loop, serve
-
-openai = pytest.importorskip('openai')
 
 PROMPTS = ['repeat: sun', 'repeat: the cat', 'repeat: red dog ran',
            'repeat: moon and sun']

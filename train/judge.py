@@ -190,6 +190,7 @@ def judge(workdir: str, *, prompts: str | None = None, checkpoint: str = 'latest
   result = {
       'workdir': workdir, 'checkpoint': checkpoint,
       'prompts': prompts or 'chitchat:test', 'num_prompts': len(texts),
+      'num_prompts_limit': num_prompts,
       'prompts_too_long': dropped, 'temperature': temperature,
       'max_new_tokens': length, 'seed': seed,
       'positivity': float(positivity.mean()),
