@@ -119,12 +119,15 @@ def main(argv=None) -> int:
   p.add_argument('--rejudge', action='store_true')
   p.add_argument('--reward_model', default='runs/chat_reward')
   p.add_argument('--fluency_model', default='runs/smollm2')
+  p.add_argument('--num_prompts', type=int, default=160,
+                 help='the first N held-out prompts that fit (0 = all)')
   args = p.parse_args(argv)
   try:
     rows = []
     for workdir in args.workdirs:
       r = judged(workdir, args.rejudge, reward_model=args.reward_model,
-                 fluency_model=args.fluency_model, num_prompts=0)
+                 fluency_model=args.fluency_model,
+                 num_prompts=args.num_prompts)
       method, beta = describe(workdir)
       rows.append((workdir, method, beta, r))
       print(json.dumps({k: v for k, v in r.items() if k != 'samples'}),

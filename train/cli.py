@@ -68,8 +68,8 @@ flags.DEFINE_string('fluency_model', 'runs/smollm2', 'judge: the imported '
                     'model whose perplexity judges fluency ("" skips it)')
 flags.DEFINE_string('reward_model', None, 'judge: also score the replies '
                     'with this reward run')
-flags.DEFINE_integer('num_prompts', 0, 'judge: at most this many prompts '
-                     '(0 = all)')
+flags.DEFINE_integer('num_prompts', 160, 'judge: the first N prompts that '
+                     'fit (0 = all)')
 flags.DEFINE_integer('max_prompt_length', 64, 'judge: longer prompts are '
                      'dropped and counted')
 flags.DEFINE_string('system', None, 'chat, serve: a system turn first '

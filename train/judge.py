@@ -1,7 +1,8 @@
 """Judge a chat model from outside: `transflax judge --workdir DIR`.
 
-Replies to held-out prompts (the opening turns of chitchat's `test` chats,
-which no stage of experiments/chat.py trains or evaluates on; or
+Replies to held-out prompts (the first 160 that fit of the opening turns of
+chitchat's `test` chats, which no stage of experiments/chat.py trains or
+evaluates on; `--num_prompts 0` for all; or
 `--prompts FILE`: JSONL {"prompt"} / {"messages"} lines, or one prompt per
 line) are sampled from the workdir's model (`--temperature`, 1 by default:
 the policy's own distribution, so that the KL below is the policy's) and
@@ -30,10 +31,12 @@ the workdir's results.json (other keys kept), with a few sample replies.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -87,15 +90,11 @@ def _logits_fn(model: ChatModel, never, width: int):
   return jax.jit(logits)
 
 
-def _fluency_nll(fluency: ChatModel, prompts, replies: list[str]):
-  """Per reply: (sum of negative log-likelihoods, tokens) under the
-  fluency model, each reply after its prompt in that model's template."""
-  tok, t = fluency.tokenizer, fluency.template
-  rows = []
-  for messages, reply in zip(prompts, replies):
-    context = tokenizers.document_start(tok) + t.prompt(tok, messages)
-    ids = list(tok.encode(reply, add_eos=False)) if reply.strip() else []
-    rows.append((context, ids))
+@functools.lru_cache(maxsize=2)
+def _fluency_model(workdir: str) -> tuple[ChatModel, Any]:
+  """The fluency model and its jitted NLL, loaded once per process (the
+  judge of several runs reuses them)."""
+  fluency = ChatModel(workdir, 'latest', '--fluency_model')
 
   @jax.jit
   def nll(params, tokens, segments, positions, mask):
@@ -103,6 +102,19 @@ def _fluency_nll(fluency: ChatModel, prompts, replies: list[str]):
                                   positions).astype(jnp.float32)
     logp = objectives.token_logprobs(logits[:, :-1], tokens[:, 1:])
     return -jnp.sum(logp * mask[:, 1:], axis=-1)
+  return fluency, nll
+
+
+def _fluency_nll(workdir: str, prompts, replies: list[str]):
+  """Per reply: (sum of negative log-likelihoods, tokens) under the
+  fluency model, each reply after its prompt in that model's template."""
+  fluency, nll = _fluency_model(workdir)
+  tok, t = fluency.tokenizer, fluency.template
+  rows = []
+  for messages, reply in zip(prompts, replies):
+    context = tokenizers.document_start(tok) + t.prompt(tok, messages)
+    ids = list(tok.encode(reply, add_eos=False)) if reply.strip() else []
+    rows.append((context, ids))
 
   out = np.zeros(len(rows)), np.zeros(len(rows), np.int64)
   for lo in range(0, len(rows), BATCH):
@@ -126,7 +138,7 @@ def _fluency_nll(fluency: ChatModel, prompts, replies: list[str]):
 
 def judge(workdir: str, *, prompts: str | None = None, checkpoint: str = 'latest',
           reference: str | None = None, fluency_model: str | None = DEFAULT_FLUENCY,
-          reward_model: str | None = None, num_prompts: int = 0,
+          reward_model: str | None = None, num_prompts: int = 160,
           max_new_tokens: int = 48, max_prompt_length: int = 64,
           temperature: float = 1.0, seed: int = 0) -> dict:
   """The three judges' numbers for one chat workdir (module docstring)."""
@@ -218,8 +230,7 @@ def judge(workdir: str, *, prompts: str | None = None, checkpoint: str = 'latest
                       f'SmolLM2 first (`transflax import --from ../shared/'
                       f'models/<the .gguf> --workdir {fluency_model}`), or '
                       f'give --fluency_model= to skip fluency')
-    fluency = ChatModel(fluency_model, 'latest', '--fluency_model')
-    sums, counts = _fluency_nll(fluency, messages, texts)
+    sums, counts = _fluency_nll(fluency_model, messages, texts)
     result.update(fluency_model=fluency_model,
                   fluency_ppl=float(math.exp(sums.sum() / max(counts.sum(), 1))),
                   fluency_empty_replies=int((counts == 0).sum()))
