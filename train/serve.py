@@ -97,8 +97,15 @@ class Batcher(threading.Thread):
     self.waiting = [r for r in self.waiting if not r.cancelled.is_set()]
     if not self.waiting:
       return []
-    first = self.waiting[0].settings
-    batch = [r for r in self.waiting if r.settings == first][:self.max_batch]
+    batch, width, new = [], 0, 0
+    for r in self.waiting:
+      # Same sampling settings, and the longest context and the longest
+      # reply of the batch must fit the model together.
+      w, n = max(width, len(r.context)), max(new, r.max_tokens)
+      if (r.settings == self.waiting[0].settings and len(batch) < self.max_batch
+          and w - 1 + n <= self.model.config.max_len):
+        batch.append(r)
+        width, new = w, n
     self.waiting = [r for r in self.waiting if r not in batch]
     return batch
 
