@@ -137,7 +137,12 @@ def test_serve_survives_a_client_that_disconnects_mid_stream(server):
     s.sendall(b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n'
               b'Content-Type: application/json\r\n'
               + f'Content-Length: {len(body)}\r\n\r\n'.encode() + body)
-    assert b'data: ' in s.recv(4096)
+    s.settimeout(60)
+    got = b''
+    while b'data: ' not in got:   # headers and events may come in pieces
+      chunk = s.recv(4096)
+      assert chunk, got
+      got += chunk
   deadline = time.time() + 60
   while server.batcher.live_rows and time.time() < deadline:
     time.sleep(0.05)
