@@ -114,8 +114,8 @@ class ChatModel:
 
 def _reply(row: np.ndarray, stop: int) -> list[int]:
   """A row of new tokens up to (without) its end token."""
-  hits = np.flatnonzero(row == stop)
-  return row[:hits[0] if hits.size else len(row)].tolist()
+  ids = sampling._until_stop(row, stop).tolist()  # pylint: disable=protected-access
+  return ids[:-1] if ids and ids[-1] == stop else ids
 
 
 class TextDeltas:

@@ -53,14 +53,14 @@ DEFAULT_FLUENCY = 'runs/smollm2'
 BATCH = 32
 
 
-def held_out_prompts(path: str | None, limit: int) -> list[list[dict]]:
+def held_out_prompts(path: str | None) -> list[list[dict]]:
   """The judged prompts: a file's, or chitchat's test openings."""
   if path:
     prompts = chat.read_prompts(path)
   else:
     prompts = [[{'role': 'user', 'content': c[0]}]
                for c in chat.chitchat_chats('test')]
-  return prompts[:limit] if limit else prompts
+  return prompts
 
 
 def vader_scores(texts: list[str]) -> np.ndarray:
@@ -162,7 +162,7 @@ def judge(workdir: str, *, prompts: str | None = None, checkpoint: str = 'latest
     raise UserError(f'--max_prompt_length + --max_new_tokens = {width + length}'
                     f' is past the model\'s {judged.config.max_len} positions')
   messages, contexts, dropped = [], [], 0
-  for m in held_out_prompts(prompts, 0):
+  for m in held_out_prompts(prompts):
     ids = judged.context(m)
     if len(ids) > width:
       dropped += 1

@@ -73,14 +73,14 @@ def _sample(task, split: str) -> list[dict]:
   workdir, _, which = source.partition(':')
   policy = ChatModel(workdir, which or 'latest', 'train.init_from')
   width, length = c.max_prompt_length, c.max_response_length
-  prompts, contexts = [], []
-  for messages in _prompts(task, split):
+  prompts, contexts, every = [], [], _prompts(task, split)
+  for messages in every:
     ids = policy.context(messages)
     if len(ids) <= width:
       prompts.append(messages)
       contexts.append(ids)
   limit = c.train_prompts if split == d.train_split else c.eval_prompts
-  dropped = len(_prompts(task, split)) - len(prompts)
+  dropped = len(every) - len(prompts)
   prompts, contexts = prompts[:limit or None], contexts[:limit or None]
   scorer = rewards.ModelReward(c.reward_model, policy.run, context='response',
                                length=-(-(width + length + 16) // 8) * 8)

@@ -224,9 +224,9 @@ class Server:
           return
         server.batcher.submit(request)
         if stream:
-          self._stream(request, body)
+          self._stream(request)
         else:
-          self._complete(request, body)
+          self._complete(request)
 
       def _json(self, status, obj):
         data = json.dumps(obj).encode()
@@ -241,7 +241,7 @@ class Server:
         self._json(e.status, {'error': {'message': str(e), 'type': kind,
                                         'param': e.param, 'code': e.code}})
 
-      def _complete(self, request, body):
+      def _complete(self, request):
         ids, reason, used = [], 'length', 0
         while True:
           kind, *rest = request.out.get()
@@ -253,9 +253,9 @@ class Server:
           else:
             self._error(BadRequest(rest[0], status=500))
             return
-        self._json(200, server.completion(body, request, ids, reason, used))
+        self._json(200, server.completion(request, ids, reason, used))
 
-      def _stream(self, request, body):
+      def _stream(self, request):
         self.send_response(200)
         self.send_header('Content-Type', 'text/event-stream')
         self.send_header('Cache-Control', 'no-cache')
@@ -263,7 +263,7 @@ class Server:
         self.end_headers()
         self.close_connection = True
         deltas, ids = TextDeltas(server.model), []
-        chunk = server.chunk_maker(body)
+        chunk = server.chunk_maker()
         try:
           self._event(chunk({'role': 'assistant', 'content': ''}, None))
           while True:
@@ -352,7 +352,7 @@ class Server:
     return Request(context, max_tokens, temperature, top_p,
                    seed % (2 ** 31)), stream
 
-  def completion(self, body, request, ids, reason, used) -> dict:
+  def completion(self, request, ids, reason, used) -> dict:
     return {'id': f'chatcmpl-{uuid.uuid4().hex}', 'object': 'chat.completion',
             'created': int(time.time()), 'model': self.model.name,
             'choices': [{'index': 0, 'finish_reason': reason,
@@ -362,7 +362,7 @@ class Server:
                       'completion_tokens': used,
                       'total_tokens': len(request.context) + used}}
 
-  def chunk_maker(self, body):
+  def chunk_maker(self):
     cid, created = f'chatcmpl-{uuid.uuid4().hex}', int(time.time())
 
     def chunk(delta, reason):
