@@ -5,14 +5,13 @@
   logits = EncoderDecoder(cfg).apply(variables, inputs, targets)
 """
 
-from model.config import (TransformerConfig, config_from_dict, get_preset,
-                          preset_names)
+from model.config import TransformerConfig, config_from_dict, get_preset
 from model.transformer import (Decoder, DecoderLM, Encoder, EncoderDecoder,
                                MaskedLM, init_cache, shift_right)
 from model.heads import ScalarHead, ScalarLM
 
 __all__ = [
-    'TransformerConfig', 'config_from_dict', 'get_preset', 'preset_names',
+    'TransformerConfig', 'config_from_dict', 'get_preset',
     'Encoder', 'Decoder', 'EncoderDecoder', 'DecoderLM', 'MaskedLM',
     'ScalarHead', 'ScalarLM', 'init_cache', 'shift_right',
 ]

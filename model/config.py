@@ -229,10 +229,6 @@ _PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def preset_names() -> tuple[str, ...]:
-  return tuple(_PRESETS)
-
-
 def get_preset(name: str, **overrides: Any) -> TransformerConfig:
   """A named preset with field overrides, e.g. get_preset('transformer_base', vocab_size=37000)."""
   if name not in _PRESETS:

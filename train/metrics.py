@@ -19,7 +19,6 @@ tensor-core numbers from vendor spec sheets (no structured sparsity).
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import math
@@ -129,50 +128,6 @@ def measure_cpu_peak_flops(n: int = 2048, dtype: Any = jnp.float32,
       matmul(a, b).block_until_ready()
       best = min(best, time.perf_counter() - start)
   return 2.0 * n**3 / best
-
-
-class Throughput:
-  """Seconds per step and tokens/s over a window of recent steps.
-
-  Call `step()` once per finished step (after blocking on its result, or the
-  time is only dispatch time). The first interval is skipped: it holds the
-  compilation.
-  """
-
-  def __init__(self, tokens_per_step: float | None = None, *,
-               window: int = 50, skip: int = 1):
-    self.tokens_per_step = tokens_per_step
-    self._skip = skip
-    self._last: float | None = None
-    self._window: collections.deque = collections.deque(maxlen=window)
-
-  def start(self, now: float | None = None) -> None:
-    """Marks the start of the first step (else the first `step()` does)."""
-    self._last = time.perf_counter() if now is None else now
-
-  def step(self, tokens: float | None = None, now: float | None = None
-           ) -> None:
-    now = time.perf_counter() if now is None else now
-    if self._last is not None:
-      if self._skip > 0:
-        self._skip -= 1
-      else:
-        tokens = self.tokens_per_step if tokens is None else tokens
-        self._window.append((now - self._last, tokens or 0.0))
-    self._last = now
-
-  @property
-  def seconds_per_step(self) -> float:
-    if not self._window:
-      return float('nan')
-    return sum(dt for dt, _ in self._window) / len(self._window)
-
-  @property
-  def tokens_per_sec(self) -> float:
-    seconds = sum(dt for dt, _ in self._window)
-    if seconds <= 0:
-      return float('nan')
-    return sum(t for _, t in self._window) / seconds
 
 
 def _format_duration(seconds: float) -> str:

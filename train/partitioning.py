@@ -197,15 +197,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def data_shard_info(mesh: Mesh) -> tuple[int, int]:
-  """(index, count) of this host's slice of the global batch.
-
-  Hosts read disjoint slices; with the batch split over data x fsdp every
-  host holds whole rows, so this is simply the process index and count.
-  """
-  return jax.process_index(), jax.process_count()
-
-
 def make_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict:
   """Host-local numpy batch -> global jax.Arrays sharded over data x fsdp."""
   sharding = batch_sharding(mesh)
