@@ -9,3 +9,10 @@ The CLI prints it as one line `error: ...` and exits with status 2.
 
 class UserError(ValueError):
   """A problem with the user's input, config or environment; the message says the fix."""
+
+
+def report(error: UserError) -> int:
+  """Prints `error` as the one line a command shows; the exit status, 2."""
+  import sys
+  print(f'error: {error}', file=sys.stderr)
+  return 2

@@ -25,7 +25,8 @@ reshuffled deterministically from the seed; `iter(ds).get_state()` is a JSON
 batches. Each host builds its own with `shard_index=jax.process_index()`,
 `shard_count=jax.process_count()` and reads only its slice; `batch_size` is
 per host. Translation packing is first-fit with `batch_size` bins, grain's
-FirstFitPackIterDataset algorithm done a batch at a time (~40x faster). To
+FirstFitPackIterDataset algorithm done a batch at a time (faster: see
+docs/performance/cpu.md). To
 overlap batch preparation with the train step, wrap the dataset in
 `grain.experimental.ThreadPrefetchIterDataset`; its state restores exactly too.
 
@@ -133,9 +134,9 @@ class _Packed(grain.IterDataset):
   """Endless batches from shuffled examples, first-fit packed.
 
   This is the algorithm of grain's FirstFitPackIterDataset (`batch_size` bins,
-  no bin shuffling; tests check the two agree), done a batch at a time: grain's
-  per-element overhead capped Multi30k at ~50 batches/s of 32x128 on one CPU
-  core, this does ~1900. Examples are drawn in `epoch_order` over
+  no bin shuffling; tests check the two agree), done a batch at a time, so
+  grain's per-element overhead is paid once per batch (docs/performance/
+  cpu.md has the rates). Examples are drawn in `epoch_order` over
   an endless stream; the iterator state is the stream position of the first
   example not yet in a batch.
 
@@ -298,7 +299,7 @@ class _Block(grain.transforms.MapWithIndex):
 def _epoch_offset(seed: int, epoch: int, seq_len: int) -> int:
   """The block grid's shift in epoch `epoch` (see `_Block`), in [0, seq_len).
 
-  Cached: a fresh Generator costs ~10 us, as much as the rest of a row.
+  Cached: a fresh Generator costs as much as the rest of a row.
   """
   if epoch == 0:
     return 0

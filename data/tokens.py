@@ -54,6 +54,7 @@ import numpy as np
 
 from data import sources
 from data import tokenizer as tokenizers
+from data import errors
 from data.errors import UserError
 
 FORMAT = 'transflax.tokens/1'
@@ -298,8 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         metas[split] = write_split(file_documents(files.split(','), tok), tok,
                                    pathlib.Path(args.out) / f'{split}.bin')
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    return errors.report(e)
   except OSError as e:  # --out unwritable, a full disk
     print(f'error: cannot write the token files in {args.out} ({e}); pick '
           'another --out or free space.', file=sys.stderr)

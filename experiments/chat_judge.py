@@ -7,8 +7,8 @@ Each workdir is judged once (`transflax judge`, train/judge.py: VADER
 positivity, SmolLM2-135M perplexity and the KL to the SFT model, on replies
 to chitchat's held-out test openings at temperature 1); its numbers go to
 its results.json and are reused on later calls (--rejudge to redo). Prints
-README's table (positivity and perplexity also as the change from the first
-workdir, the SFT model) and, with --plot, writes the DPO paper's Figure 2
+docs/chat.md's table (positivity and perplexity also as the change from the
+first workdir, the SFT model) and, with --plot, writes the DPO paper's Figure 2
 shape: positivity against KL, one line per algorithm over its betas, and
 the replies' perplexity against KL beside it (needs matplotlib: pip install
 -e ".[plot]").
@@ -21,6 +21,7 @@ import json
 import os
 import sys
 
+from data import errors
 from data.errors import UserError
 
 
@@ -136,8 +137,7 @@ def main(argv=None) -> int:
     if args.plot:
       plot(rows, args.plot)
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    return errors.report(e)
   return 0
 
 

@@ -1,4 +1,4 @@
-"""Decoding: beam search, greedy search and temperature/top-k/top-p sampling.
+"""Decoding: beam search and temperature/top-k/top-p sampling (temperature 0: greedy).
 
 Decoding never sees the network. The caller wraps one decoder step as
 
@@ -29,6 +29,23 @@ TokensToLogits = Callable[[jax.Array, PyTree], tuple[jax.Array, PyTree]]
 
 # Finite stand-in for -inf in logits and log-prob scores.
 NEG_INF = -1.0e10
+
+
+def cached_step(dmodel, params: PyTree, *inputs, bias=None,
+                **apply_kwargs) -> TokensToLogits:
+  """tokens_to_logits through the KV cache, one new token per step.
+
+  dmodel: a module built with decode=True; `inputs` come before the tokens
+  in its call (an EncoderDecoder's encoded source and segmentation, with
+  method=EncoderDecoder.decode in `apply_kwargs`); `bias` [vocab] is added
+  to the logits (NEG_INF on ids that must never be chosen).
+  """
+  def tokens_to_logits(tokens, cache):
+    logits, mut = dmodel.apply({'params': params, 'cache': cache}, *inputs,
+                               tokens, mutable=['cache'], **apply_kwargs)
+    logits = logits[:, 0]
+    return (logits if bias is None else logits + bias), mut['cache']
+  return tokens_to_logits
 
 
 def length_penalty(length, alpha) -> jax.Array:
@@ -393,18 +410,3 @@ def response_mask(responses: jax.Array, eos_id: int) -> jax.Array:
   is_eos = responses == eos_id
   after = jnp.cumsum(is_eos, axis=-1) - is_eos  # EOS seen before this token
   return (after == 0).astype(jnp.int32)
-
-
-def greedy_search(cache: PyTree,
-                  tokens_to_logits: TokensToLogits,
-                  *,
-                  eos_id: int,
-                  max_decode_len: int,
-                  start_id: int = 0,
-                  batch_size: int | None = None) -> jax.Array:
-  """Argmax decoding: [batch, max_decode_len] int32, 0 after EOS."""
-  batch = _batch_size(cache, batch_size)
-  prompt = jnp.zeros((batch, max_decode_len), jnp.int32)
-  return temperature_sample(
-      prompt, cache, tokens_to_logits, jax.random.key(0), eos_id=eos_id,
-      temperature=0.0, start_id=start_id)

@@ -338,7 +338,7 @@ def init_cache(model: nn.Module, batch_size: int, max_decode_len: int,
 @functools.lru_cache(maxsize=64)
 def _cache_shapes(cls, config: TransformerConfig, batch_size: int,
                   max_decode_len: int, source_len: int | None):
-  # Tracing the model's init takes ~1 s for 30 layers: once per shape.
+  # Tracing the model's init is slow for deep models: once per shape.
   model = cls(config)
   tokens = jnp.ones((batch_size, max_decode_len), jnp.int32)
   if cls is EncoderDecoder:

@@ -9,9 +9,7 @@ defects stay fixed.
 """
 
 import json
-import pathlib
 import signal
-import subprocess
 
 import jax
 import numpy as np

@@ -13,6 +13,7 @@ import logging
 import numpy as np
 import pytest
 
+import corpora
 from corpora import data_root
 from data import chat, pipeline, preferences
 from data import tokenizer as tokenizers
@@ -249,7 +250,7 @@ def test_fixed_shape_examples_reshuffle_and_resume():
 def test_sentiment_ratings_split_rank_and_pair():
   root = data_root()
   if not (root / 'sentiment_ratings').exists():
-    pytest.skip('sentiment_ratings not in the data root')
+    corpora.missing('sentiment_ratings')
   splits = {s: preferences.sentiment_ratings(root, 'tweets', s)
             for s in ('train', 'val', 'test')}
   ids = [{r.id for r in v} for v in splits.values()]

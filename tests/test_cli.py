@@ -12,7 +12,7 @@ import pytest
 
 import tiny_run
 from data.errors import UserError
-from train import cli, partitioning, tasks
+from train import partitioning, runs, tasks
 
 REPO = tiny_run.REPO
 
@@ -77,7 +77,7 @@ def test_cudnn_trained_workdir_loads_with_xla_attention_off_gpu(tmp_path):
   GPUs use XLA's (same math) on a CPU host, where the user cannot override."""
   (tmp_path / 'config.json').write_text(json.dumps(
       {'model': {'attention_impl': 'cudnn', 'num_heads': 2}}))
-  config = cli.load_workdir_config(str(tmp_path))
+  config = runs.load_workdir_config(str(tmp_path))
   assert config.model.attention_impl == 'xla'
   assert config.model.num_heads == 2
 
@@ -89,6 +89,46 @@ def test_missing_workdir_or_config_exit_2(experiment, tmp_path):
   assert_user_error(
       tiny_run.cli('train', '--config', str(tmp_path / 'nope.py'),
                    '--workdir', str(tmp_path)), 'nope.py')
+
+
+# -- help ---------------------------------------------------------------------------
+
+
+def test_help_lists_every_command_and_each_commands_flags(capsys):
+  """`transflax --help`: one line per command. `transflax CMD --help`: each
+  of its flags with its default, and an example that uses only its flags
+  (parsed as the command would parse it)."""
+  import shlex
+  from train import cli
+  assert cli.main(['transflax', '--help']) == 0
+  listed = capsys.readouterr().out
+  for name in cli.COMMANDS:
+    assert re.search(rf'^  {name} +\S', listed, re.M), name
+  for name, (_, own, example) in cli.COMMANDS.items():
+    assert cli.main(['transflax', name, '--help']) == 0
+    text = capsys.readouterr().out
+    for flag in own:
+      assert re.search(rf'^  --(\[no\])?{flag}\b', text, re.M), (name, flag)
+    assert f'  {example}' in text
+    argv = shlex.split(example.split(' <')[0])
+    assert argv[:2] == ['transflax', name]
+    cli.FLAGS.unparse_flags()
+    try:
+      positional = cli._parse_flags(argv[:1] + argv[2:])
+      cli._check_command_flags(name, positional)
+    finally:
+      cli.FLAGS.unparse_flags()
+  assert cli.main(['transflax', 'transalte']) == 2
+  assert 'did you mean translate?' in capsys.readouterr().err
+
+
+def test_another_commands_flag_is_one_line_exit_2(trained):
+  assert_user_error(tiny_run.cli('translate', '--workdir', str(trained),
+                                 '--prompt', 'hi'),
+                    '--prompt is not a flag of `transflax translate`',
+                    'generate')
+  assert_user_error(tiny_run.cli('eval', '--workdir', str(trained), 'extra'),
+                    "unexpected argument 'extra'")
 
 
 # -- --dry_run ------------------------------------------------------------------------

@@ -24,8 +24,9 @@ transformers = pytest.importorskip('transformers')
 from data import chat  # noqa: E402
 from data import tokenizer as tokenizers  # noqa: E402
 from data.errors import UserError  # noqa: E402
-from train import convert, evaluate, sampling  # noqa: E402
-import tiny_run  # noqa: E402  (tests/ is on sys.path, as for every test module)
+from train import convert, runs, sampling  # noqa: E402
+import corpora  # noqa: E402  (tests/ is on sys.path, as for every test module)
+import tiny_run  # noqa: E402
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + "
           "'\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}")
@@ -84,7 +85,7 @@ def _torch_logits(model, tokens: np.ndarray) -> np.ndarray:
 
 
 def _ours(workdir: str, tokens: np.ndarray) -> np.ndarray:
-  run, params = evaluate.load(workdir)
+  run, params = runs.load(workdir)
   return np.asarray(run.task.module().apply({'params': params}, tokens))
 
 
@@ -109,7 +110,7 @@ def test_imported_cached_decoding_equals_full(imported):
   different lengths in one left-padded batch, equal the argmax of full
   forward passes one token at a time."""
   _, _, base, _ = imported
-  run, params = evaluate.load(str(base / 'run'))
+  run, params = runs.load(str(base / 'run'))
   # Causal: the logits at position t ignore what follows, so one jitted
   # forward over a fixed-length row serves every prefix.
   full = jax.jit(run.task.module().apply)
@@ -143,7 +144,7 @@ def test_export_loads_in_transformers_with_the_same_logits(imported,
   diff = np.abs(_torch_logits(loaded, tokens) - _torch_logits(model, tokens))
   assert diff.max() <= 1e-5, diff.max()
   # The tokenizer and its chat template travel too.
-  ours = evaluate.load(str(base / 'run'))[0].task.tokenizer
+  ours = runs.load(str(base / 'run'))[0].task.tokenizer
   theirs = transformers.AutoTokenizer.from_pretrained(out)
   text = 'A man rides a horse, 2 dogs play.'
   assert theirs.encode(text, add_special_tokens=False) == ours.encode(
@@ -161,7 +162,7 @@ def test_imported_chat_template_renders_like_transformers(imported):
   kind, _, base, _ = imported
   if kind == 'gpt2':
     pytest.skip('one family is enough')
-  run, _ = evaluate.load(str(base / 'run'))
+  run, _ = runs.load(str(base / 'run'))
   tok = run.task.tokenizer
   template = chat.load_template(str(base / 'run'), '', tok, save=False)
   messages = [{'role': 'user', 'content': 'What is the capital of France?'}]
@@ -223,7 +224,7 @@ NEW_TOKENS = 16
 @pytest.fixture(scope='module')
 def smollm2(tmp_path_factory):
   if not GGUF.exists():
-    pytest.skip(f'{GGUF} not found')
+    corpora.missing(str(GGUF))
   workdir = tmp_path_factory.mktemp('smollm2') / 'run'
   convert.import_checkpoint(str(GGUF), str(workdir))
   ref = transformers.AutoModelForCausalLM.from_pretrained(
@@ -243,7 +244,7 @@ def test_smollm2_greedy_chat_equals_transformers(smollm2):
   9.5e-5; two float32 sums in different orders may each be that far off,
   in opposite directions (measured between the two: 1.1e-4)."""
   workdir, ref, _ = smollm2
-  run, params = evaluate.load(str(workdir))
+  run, params = runs.load(str(workdir))
   tok = run.task.tokenizer
   template = chat.load_template(str(workdir), '', tok, save=False)
   contexts = [template.prompt(tok, [{'role': 'user', 'content': p}])

@@ -114,8 +114,10 @@ def beam(toy, hash0, alpha, beam_size, max_len):
 
 @functools.partial(jax.jit, static_argnames=('toy', 'max_len'))
 def greedy(toy, hash0, max_len):
-  return generate.greedy_search(
-      Toy.init_cache(hash0), toy, eos_id=EOS, max_decode_len=max_len)
+  # Sampling at temperature 0 is argmax decoding.
+  return generate.temperature_sample(
+      jnp.zeros((hash0.shape[0], max_len), jnp.int32), Toy.init_cache(hash0),
+      toy, jax.random.key(0), eos_id=EOS, temperature=0.0)
 
 
 @functools.partial(jax.jit, static_argnames=(

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import corpora
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PROMPT = 'ROMEO:'
 
@@ -33,8 +35,15 @@ def _data_dir():
 
 
 DATA = _data_dir()
-needs_data = pytest.mark.skipif(
-    DATA is None, reason='Tiny Shakespeare not found: set TRANSFLAX_DATA')
+
+
+@pytest.fixture
+def shakespeare_data():
+  if DATA is None:
+    corpora.missing('tinyshakespeare/input.txt')
+
+
+needs_data = pytest.mark.usefixtures('shakespeare_data')
 
 
 def cli(*args: str) -> str:
@@ -67,7 +76,7 @@ def last_json(stdout: str) -> dict:
 def shakespeare(tmp_path_factory):
   """(workdir, stdout) of `transflax train` on shakespeare_char.py:smoke."""
   if DATA is None:
-    pytest.skip('Tiny Shakespeare not found: set TRANSFLAX_DATA')
+    corpora.missing('tinyshakespeare/input.txt')
   workdir = str(tmp_path_factory.mktemp('shakespeare') / 'run')
   out = cli('train', '--config', 'experiments/shakespeare_char.py:smoke',
             '--workdir', workdir)
@@ -153,7 +162,7 @@ PHRASE = 'to be or not to be, that is the question\n'  # 41: all block offsets
 def tiny(tmp_path_factory):
   """(run, params, metrics) of a char LM trained in-process on PHRASEs."""
   from experiments import shakespeare_char
-  from train import evaluate, loop
+  from train import loop, runs
   root = tmp_path_factory.mktemp('tiny')
   (root / 'train.txt').write_text(PHRASE * 200)
   (root / 'val.txt').write_text(PHRASE * 10)
@@ -167,7 +176,7 @@ def tiny(tmp_path_factory):
   loop.train_and_evaluate(c, workdir, evaluate_at_end=False)
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     metrics = [json.loads(l) for l in f]
-  run, params = evaluate.load(workdir)
+  run, params = runs.load(workdir)
   return run, params, metrics
 
 

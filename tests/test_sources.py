@@ -4,7 +4,6 @@ import gzip
 import hashlib
 import io
 import logging
-import os
 import pathlib
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 
 from data import sources
 from data.errors import UserError
+import corpora
 from corpora import data_root
 
 
@@ -167,7 +167,7 @@ def test_bad_names_are_user_errors():
 def test_tinyshakespeare_nanogpt_split():
   root = data_root()
   if not (root / 'tinyshakespeare' / 'input.txt').exists():
-    pytest.skip('tinyshakespeare/input.txt not found')
+    corpora.missing('tinyshakespeare/input.txt')
   train, val = sources.tinyshakespeare('train', root), sources.tinyshakespeare('val', root)
   assert len(train) + len(val) == 1115394
   assert len(train) == int(1115394 * 0.9)
@@ -178,3 +178,18 @@ def test_wmt_without_datasets_says_how_to_install(monkeypatch):
   monkeypatch.setitem(sys.modules, 'datasets', None)  # Makes `import datasets` fail.
   with pytest.raises(UserError, match=r'pip install -e "\.\[hf\]"'):
     sources.wmt('de-en', 'validation')
+
+
+def test_a_missing_corpus_fails_where_the_data_is_required(monkeypatch):
+  """tests/corpora.py: .ci/run sets TRANSFLAX_REQUIRE_DATA, so there a lost
+  corpus fails its tests; elsewhere they skip."""
+  monkeypatch.delenv('CI', raising=False)
+  monkeypatch.setenv('TRANSFLAX_REQUIRE_DATA', '1')
+  with pytest.raises(pytest.fail.Exception, match='requires the data'):
+    corpora.missing('multi30k')
+  monkeypatch.delenv('TRANSFLAX_REQUIRE_DATA')
+  with pytest.raises(pytest.skip.Exception, match='multi30k not found'):
+    corpora.missing('multi30k')
+  monkeypatch.setenv('CI', 'true')
+  with pytest.raises(pytest.fail.Exception):
+    corpora.missing('multi30k')

@@ -8,6 +8,7 @@ import pytest
 from data import sources
 from data import tokenizer
 from data.errors import UserError
+import corpora
 from corpora import data_root
 
 # Small enough to train in well under a second; byte fallback needs 260 + alphabet.
@@ -107,7 +108,7 @@ def test_too_small_vocab_is_a_user_error():
 def test_char_tokenizer_on_tiny_shakespeare(tmp_path):
   path = data_root() / 'tinyshakespeare' / 'input.txt'
   if not path.exists():
-    pytest.skip(f'{path} not found')
+    corpora.missing(str(path))
   text = sources.read_text(path)
   chars = tokenizer.CharTokenizer.from_text(text)
   assert chars.vocab_size == 4 + 65  # nanoGPT's 65 symbols, after the specials.

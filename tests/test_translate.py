@@ -32,7 +32,7 @@ from flax import linen as nn
 from data import tokenizer as tokenizers
 from data.errors import UserError
 from model import EncoderDecoder, generate, get_preset, init_cache
-from train import evaluate
+from train import evaluate, runs
 from corpora import data_root
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -110,8 +110,10 @@ def _encode_for_search(config, params, inputs):
 @functools.partial(jax.jit, static_argnames='config')
 def _greedy(params, inputs, *, config):
   cache, step = _encode_for_search(config, params, inputs)
-  return generate.greedy_search(cache, step, eos_id=EOS,
-                                max_decode_len=MAX_LEN)
+  # Sampling at temperature 0 is argmax decoding.
+  return generate.temperature_sample(
+      jnp.zeros((inputs.shape[0], MAX_LEN), jnp.int32), cache, step,
+      jax.random.key(0), eos_id=EOS, temperature=0.0)
 
 
 @functools.partial(jax.jit, static_argnames='config')
@@ -238,7 +240,7 @@ _LOADED = {}
 def _load(w, which):
   """evaluate.load, once per (workdir, checkpoint): each restore takes seconds."""
   if (w, which) not in _LOADED:
-    _LOADED[w, which] = evaluate.load(str(w), which)
+    _LOADED[w, which] = runs.load(str(w), which)
   return _LOADED[w, which]
 
 
@@ -267,12 +269,18 @@ def test_average_last_beyond_the_checkpoints_averages_what_exists(
 
 
 def test_translate_file_one_line_per_line(workdir, tmp_path):
+  """Without --checkpoint, translate uses the model the run reported test
+  BLEU from (multi30k.py:smoke averages its last 2) and says so."""
   lines = ['A man sleeps.', '', 'Two dogs run in the park.', '   ', 'Hello',
            '']
   src, dst = tmp_path / 'src.txt', tmp_path / 'hyp.txt'
   src.write_text(''.join(l + '\n' for l in lines), encoding='utf-8')
-  _cli('translate', '--workdir', workdir, '--input', src, '--output', dst,
-       '--beam_size', 1)
+  proc = _cli('translate', '--workdir', workdir, '--input', src, '--output',
+              dst, '--beam_size', 1)
+  assert json.loads((workdir / 'results.json').read_text())['checkpoint'] == (
+      'average')
+  assert f'loaded {workdir}/checkpoints_avg step 8 (average) (the model the ' \
+      'run reported' in proc.stderr, proc.stderr
   out = dst.read_text(encoding='utf-8').split('\n')
   assert out[-1] == '' and len(out) - 1 == len(lines)
   out = out[:-1]
@@ -282,7 +290,7 @@ def test_translate_file_one_line_per_line(workdir, tmp_path):
   for line, hyp in zip(lines, out):
     if not line.strip():
       assert hyp == ''
-  run, params = _load(workdir, 'latest')
+  run, params = _load(workdir, 'average')
   assert out == evaluate.translate(run, params, lines, beam_size=1)
 
 
@@ -334,7 +342,7 @@ def test_missing_step_is_a_one_line_error(workdir):
   assert 'available steps: [4, 8]' in last
   assert 'Traceback' not in proc.stderr
   with pytest.raises(UserError, match='use latest, best, average or a step'):
-    evaluate.load(str(workdir), 'newest')
+    runs.load(str(workdir), 'newest')
 
 
 def test_eval_prints_bleu_chrf_signature_and_speed(workdir):
@@ -413,30 +421,61 @@ def test_wmt14_parameter_counts_match_the_paper(arg, low, high):
   assert low <= _dry_run_total(arg) <= high
 
 
-def test_wmt14_recipe_is_the_papers():
+# "Attention Is All You Need", written from the paper, not from the config:
+# Table 3 (N, d_model, d_ff, h, d_k, d_v, P_drop, eps_ls, train steps),
+# section 5.1 (a shared ~37k BPE vocabulary, ~25k tokens per batch),
+# section 5.3 (Adam and the learning-rate formula) and section 6.1 (beam 4,
+# alpha 0.6, output length input + 50, averaging the last 5 / 20
+# checkpoints). Paper names on the left.
+PAPER = {
+    'base': dict(N=6, d_model=512, d_ff=2048, h=8, d_k=64, d_v=64, P_drop=0.1,
+                 eps_ls=0.1, train_steps=100_000, averaged=5),
+    'big': dict(N=6, d_model=1024, d_ff=4096, h=16, d_k=64, d_v=64, P_drop=0.3,
+                eps_ls=0.1, train_steps=300_000, averaged=20),
+}
+ADAM = dict(beta1=0.9, beta2=0.98, epsilon=1e-9, warmup_steps=4000)
+
+
+def paper_lrate(step_num, d_model, warmup_steps=4000):
+  """Section 5.3, equation (3), with step_num counted from 1."""
+  return d_model ** -0.5 * min(step_num ** -0.5,
+                               step_num * warmup_steps ** -1.5)
+
+
+@pytest.mark.parametrize('arg', ['base', 'big'])
+def test_wmt14_recipe_is_the_papers(arg):
+  """The model the recipe builds, its learning rate at several steps, its
+  optimizer and its decoding against the paper's values."""
   from experiments import wmt14
-  base, big = wmt14.get_config(), wmt14.get_config('big')
-  for c in (base, big):
-    assert (c.data.corpus, c.data.wmt_dataset, c.data.wmt_pair) == (
-        'wmt', 'wmt14', 'de-en')
-    assert (c.data.src_lang, c.data.tgt_lang) == ('en', 'de')
-    assert (c.data.eval_split, c.data.test_split) == ('validation', 'test')
-    assert c.model.vocab_size == c.data.tokenizer.vocab_size == 37000
-    assert c.train.label_smoothing == 0.1
-    o = c.optimizer
-    assert (o.schedule, o.learning_rate, o.warmup_steps) == ('rsqrt', 1.0, 4000)
-    assert (o.b1, o.b2, o.eps) == (0.9, 0.98, 1e-9)
-    assert (c.decode.beam_size, c.decode.alpha) == (4, 0.6)
-    tokens = c.train.batch_size * c.data.max_length
-    assert 23_000 <= tokens <= 27_000
-    assert c.train.keep_checkpoints >= c.train.average_last
-    assert c.model.param_dtype == 'float32'
-  assert (base.model.d_model, base.model.num_heads, base.model.mlp_dim,
-          base.model.dropout_rate) == (512, 8, 2048, 0.1)
-  assert (big.model.d_model, big.model.num_heads, big.model.mlp_dim,
-          big.model.dropout_rate) == (1024, 16, 4096, 0.3)
-  assert (base.train.num_steps, base.train.average_last) == (100_000, 5)
-  assert (big.train.num_steps, big.train.average_last) == (300_000, 20)
+  from model import config_from_dict
+  from train import state as state_lib
+  paper, c = PAPER[arg], wmt14.get_config(arg)
+  m = config_from_dict({**c.model.to_dict(), 'vocab_size': 37000,
+                        'attention_impl': 'xla'})
+  assert m.num_encoder_layers == m.num_decoder_layers == paper['N']
+  assert (m.d_model, m.mlp_dim, m.num_heads) == (
+      paper['d_model'], paper['d_ff'], paper['h'])
+  assert (m.head_dim or m.d_model // m.num_heads) == paper['d_k'] == paper['d_v']
+  assert m.dropout_rate == paper['P_drop'] and m.activation == 'relu'
+  assert (m.positions, m.norm_position, m.share_embeddings, m.tie_output,
+          m.scale_embeddings) == ('sinusoidal', 'post', True, True, True)
+  assert c.train.label_smoothing == paper['eps_ls']
+  assert c.train.num_steps == paper['train_steps']
+  assert c.train.average_last == paper['averaged']
+  assert c.train.keep_checkpoints >= paper['averaged']
+  assert c.data.tokenizer.vocab_size == 37000
+  assert (c.data.wmt_dataset, c.data.src_lang, c.data.tgt_lang) == (
+      'wmt14', 'en', 'de')
+  assert 23_000 <= c.train.batch_size * c.data.max_length <= 27_000
+  o = c.optimizer
+  assert (o.b1, o.b2, o.eps, o.warmup_steps) == (
+      ADAM['beta1'], ADAM['beta2'], ADAM['epsilon'], ADAM['warmup_steps'])
+  schedule = state_lib.make_schedule(o, m.d_model, c.train.num_steps)
+  for step_num in (1, 100, 3999, 4000, 4001, 50_000):
+    assert float(schedule(step_num - 1)) == pytest.approx(
+        paper_lrate(step_num, paper['d_model']), rel=1e-5)
+  assert (c.decode.beam_size, c.decode.alpha, c.decode.max_extra_len) == (
+      4, 0.6, 50)
   with pytest.raises(ValueError, match='unknown arg'):
     wmt14.get_config('huge')
 

@@ -14,29 +14,22 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from data.errors import UserError
-from train import init_from, metrics as metrics_lib
-from train import partitioning, state as state_lib, step as step_lib, tasks
+from train import init_from, loop, metrics as metrics_lib
+from train import partitioning, state as state_lib, step as step_lib
 
 
-def _setup(config, with_tokenizer: bool | None = None):
-  m = config.mesh
-  partitioning.initialize(m)
-  mesh = partitioning.make_mesh(m.data, m.fsdp, m.tensor)
-  rules = partitioning.rules_from_config(m.rules)
-  if with_tokenizer is None:
-    with_tokenizer = not config.model.vocab_size
+def _setup(config):
+  """As loop.Run builds a run, without a workdir: the tokenizer is trained
+  only when model.vocab_size does not give the vocabulary."""
+  mesh, rules = loop.mesh_for(config)
+  with_tokenizer = not config.model.vocab_size
   # A stage that starts from another run takes that run's tokenizer.
   spec = config.train.get('init_from', '')
   source = init_from.resolve(spec) if spec and with_tokenizer else None
-  task = tasks.make_task(config, None, with_tokenizer=with_tokenizer,
-                         source=source)
-  rules = partitioning.fit_kv_heads(rules, mesh, task.model_config.kv_heads)
-  schedule = state_lib.make_schedule(config.optimizer, task.model_config.d_model,
-                                     config.train.num_steps)
-  tx = state_lib.make_optimizer(config.optimizer, schedule)
+  task, rules, schedule, tx = loop.task_for(
+      config, None, mesh, rules, with_tokenizer=with_tokenizer, source=source)
   return mesh, rules, task, schedule, tx
 
 

@@ -17,13 +17,12 @@ import json
 import os
 import time
 
-import numpy as np
 
 
 def _ours(workdir: str, context: list[int], batch: int, new: int,
           repeats: int) -> float:
-  from train import evaluate, sampling
-  run, params = evaluate.load(workdir)
+  from train import runs, sampling
+  run, params = runs.load(workdir)
   contexts = [context] * batch
   sampling.generate_ids(run, params, contexts, max_new_tokens=new, eos_id=-1)
   start = time.perf_counter()

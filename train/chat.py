@@ -37,15 +37,15 @@ class ContextTooLong(UserError):
 class ChatModel:
   """A chat workdir's model for answering (module docstring)."""
 
-  def __init__(self, workdir: str, which: str = 'latest',
+  def __init__(self, workdir: str, which: str | None = None,
                what: str = '--workdir', system: str | None = None,
                need_template: bool = True):
-    from train import evaluate
+    from train import runs
     if not os.path.isdir(workdir):
       raise UserError(f'{what} {workdir} not found; train it (README, "The '
                       f'ChatGPT recipe") or import a chat model there')
     self.workdir = workdir
-    self.run, self.params = evaluate.load(workdir, which)
+    self.run, self.params = runs.load(workdir, which)
     task = self.run.task
     self.tokenizer = getattr(task, 'tokenizer', None)
     self.template = getattr(task, 'chat_template', None)
@@ -118,23 +118,6 @@ def _reply(row: np.ndarray, stop: int) -> list[int]:
   return ids[:-1] if ids and ids[-1] == stop else ids
 
 
-class TextDeltas:
-  """Reply ids as they grow -> the new text each time (whole characters:
-  one split across byte pieces waits for its last byte)."""
-
-  def __init__(self, model: ChatModel):
-    self.model, self.shown = model, ''
-
-  def __call__(self, ids, final: bool = False) -> str:
-    text = self.model.text(ids)
-    if not final:
-      text = text.rstrip('\ufffd')
-    if not text.startswith(self.shown):
-      return ''
-    delta, self.shown = text[len(self.shown):], text
-    return delta
-
-
 def terminal(model: ChatModel, *, max_new_tokens: int, temperature: float,
              top_p: float, top_k: int = 0, seed: int = 0,
              stdin: IO[str] | None = None, stdout: IO[str] | None = None
@@ -183,7 +166,7 @@ def terminal(model: ChatModel, *, max_new_tokens: int, temperature: float,
                 f'now on)\n')
       trimmed_said = True
     messages = messages[dropped:] if dropped else messages
-    deltas, ids = TextDeltas(model), []
+    deltas, ids = sampling.TextDeltas(model.text), []
     try:
       for rows, _ in model.stream([context], max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p,

@@ -65,7 +65,15 @@ class _NoBenignOrbaxWarnings(logging.Filter):
     return not any(benign in msg for benign in _BENIGN_ORBAX_WARNINGS)
 
 
-logging.getLogger('absl').addFilter(_NoBenignOrbaxWarnings())
+_BENIGN_FILTER = _NoBenignOrbaxWarnings()
+
+
+def _quiet_benign_orbax_warnings() -> None:
+  """Installs the filter on absl's logger when the first Checkpointer is
+  made (not at import: importing this module changes no logging)."""
+  absl_logger = logging.getLogger('absl')
+  if _BENIGN_FILTER not in absl_logger.filters:
+    absl_logger.addFilter(_BENIGN_FILTER)
 
 
 class Checkpointer:
@@ -94,6 +102,7 @@ class Checkpointer:
       raise ValueError(f'keep must be >= 1 or None (keep all), got {keep}')
     # Orbax's array writer takes absolute paths only; --workdir may be relative.
     self.directory = epath.Path(os.path.abspath(os.fspath(workdir))) / subdir
+    _quiet_benign_orbax_warnings()
     self.best_metric = best_metric
     self.read_only = read_only
     self._bad: set[int] = set()  # Damaged steps seen but not moved away.
@@ -359,6 +368,8 @@ def _quiet_failed_restore_aftermath(directory: epath.Path) -> None:
   'Task/Future exception was never retrieved' for the other failed reads.
   The failure itself is what `restore` reports and handles, so exactly these
   are dropped; every other unraisable exception and asyncio error still shows.
+  Installed at the first restore and left in place, because these reports
+  arrive from other threads after `restore` has returned.
   """
   _UNAWAITED_READ_ERRORS.directories.add(str(directory))
   asyncio_logger = logging.getLogger('asyncio')
@@ -569,7 +580,10 @@ class PreemptionGuard:
   def _jax_preemption_service(self) -> bool:
     if jax.process_count() == 1:
       return False
-    try:  # Private, hence defensive; reached_preemption_sync_point needs it.
+    # JAX has no public way to ask whether its preemption service runs (the
+    # service that multihost_utils.reached_preemption_sync_point needs); the
+    # private read is guarded and falls back to our own signal handling.
+    try:
       from jax._src import distributed  # pylint: disable=g-import-not-at-top
       return distributed.global_state.preemption_sync_manager is not None
     except (ImportError, AttributeError):

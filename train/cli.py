@@ -1,20 +1,9 @@
-"""`transflax` subcommands: train, translate, eval, generate, average, bench,
-import, export, judge, chat, serve.
+"""The `transflax` command line: `transflax COMMAND [flags]`.
 
-  transflax train --config experiments/multi30k.py:en-de --workdir runs/m30k
-  transflax translate --workdir runs/m30k < source.txt > hypotheses.txt
-  transflax eval --workdir runs/m30k --split test_2016_flickr
-  transflax generate --workdir runs/shakespeare --prompt "ROMEO:"
-  transflax average --workdir runs/wmt_base --last 5
-  transflax bench --config experiments/gpt2.py:small --steps 20
-  transflax import --from model.gguf --workdir runs/smollm2
-  transflax generate --workdir runs/smollm2 --chat --prompt "Hi!"
-  transflax export --workdir runs/smollm2 --to exported/smollm2
-  transflax judge --workdir runs/chat_ppo --reward_model runs/chat_reward
-  transflax chat --workdir runs/chat_ppo
-  transflax serve --workdir runs/chat_ppo --port 8000
-
-A mistake the user can fix prints one line `error: ...` and exits with 2.
+`transflax --help` lists the commands; `transflax COMMAND --help` lists a
+command's flags with their defaults and an example. Each command takes only
+its own flags (another command's flag is an error). A mistake the user can
+fix prints one line `error: ...` and exits with 2.
 """
 
 from __future__ import annotations
@@ -22,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import sys
 
 from absl import flags, logging
@@ -29,17 +19,80 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
+from data import errors
 from data.errors import UserError
 
-COMMANDS = ('train', 'translate', 'eval', 'generate', 'average', 'bench',
-            'import', 'export', 'judge', 'chat', 'serve')
+# name: (one line, its flags, an example). `transflax --help` prints the
+# first column; `transflax NAME --help` the rest.
+COMMANDS = {
+    'train': ('train an experiment config into a workdir (resumes if it has '
+              'checkpoints)',
+              ('config', 'workdir', 'dry_run'),
+              'transflax train --config experiments/multi30k.py:en-de '
+              '--workdir runs/m30k --config.train.num_steps=600'),
+    'translate': ('translate lines of stdin (or --input) with a translation '
+                  'run',
+                  ('workdir', 'checkpoint', 'input', 'output', 'beam_size',
+                   'alpha', 'batch_size'),
+                  'transflax translate --workdir runs/m30k < source.en > '
+                  'hypotheses.de'),
+    'eval': ('score a split: BLEU and chrF for translation, loss and '
+             'perplexity otherwise',
+             ('workdir', 'checkpoint', 'split', 'beam_size', 'alpha',
+              'batch_size'),
+             'transflax eval --workdir runs/m30k --split test_2016_flickr'),
+    'generate': ('sample text from a language model (--chat: a reply to a '
+                 'user turn)',
+                 ('workdir', 'checkpoint', 'prompt', 'chat', 'max_new_tokens',
+                  'temperature', 'top_k', 'top_p', 'seed', 'num_samples'),
+                 'transflax generate --workdir runs/shakespeare --prompt '
+                 '"ROMEO:" --temperature 0.8'),
+    'average': ('average the last N checkpoints into checkpoints_avg/',
+                ('workdir', 'last'),
+                'transflax average --workdir runs/wmt_base --last 5'),
+    'bench': ('time train steps of a config: step time, tokens/s, MFU',
+              ('config', 'steps'),
+              'transflax bench --config experiments/gpt2.py:small --steps 20'),
+    'import': ('a GGUF file or Hugging Face folder into a new workdir',
+               ('from', 'workdir'),
+               'transflax import --from model.gguf --workdir runs/smollm2'),
+    'export': ('a decoder-only workdir as a Hugging Face folder',
+               ('workdir', 'to', 'checkpoint'),
+               'transflax export --workdir runs/smollm2 --to '
+               'exported/smollm2'),
+    'judge': ('score a chat model\'s replies: VADER positivity, fluency, KL '
+              'to a reference',
+              ('workdir', 'checkpoint', 'prompts', 'reference',
+               'fluency_model', 'reward_model', 'num_prompts',
+               'max_prompt_length', 'max_new_tokens', 'temperature', 'seed'),
+              'transflax judge --workdir runs/chat_ppo --reward_model '
+              'runs/chat_reward'),
+    'chat': ('talk to a chat model in the terminal, replies streamed',
+             ('workdir', 'checkpoint', 'system', 'max_new_tokens',
+              'temperature', 'top_p', 'top_k', 'seed'),
+             'transflax chat --workdir runs/smollm2'),
+    'serve': ('an OpenAI-compatible HTTP server (/v1/chat/completions)',
+              ('workdir', 'checkpoint', 'host', 'port', 'max_batch', 'system'),
+              'transflax serve --workdir runs/smollm2 --port 8000'),
+    'plot': ('PNG learning curves of runs overlaid: --workdir DIR [DIR ...] '
+             '(needs the plot extra)',
+             ('workdir',),
+             'transflax plot --workdir runs/chat_ppo runs/chat_ppo_b0.2'),
+    'attention': ('PNG attention heatmaps per layer and head for one input '
+                  '(needs the plot extra)',
+                  ('workdir', 'checkpoint', 'text', 'target'),
+                  'transflax attention --workdir runs/m30k --text "A dog '
+                  'runs on the beach."'),
+}
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
     'config', None, 'experiment config: experiments/<name>.py[:arg]',
     lock_config=True)
-flags.DEFINE_string('workdir', None, 'run directory (checkpoints, metrics, tokenizer)')
+flags.DEFINE_string('workdir', None, 'run directory (checkpoints, metrics, '
+                    'tokenizer)')
 flags.DEFINE_bool('dry_run', False, 'train: print parameters, mesh and shardings, then exit')
-flags.DEFINE_string('checkpoint', 'latest', 'latest | best | average | STEP')
+flags.DEFINE_string('checkpoint', None, 'latest | best | average | STEP '
+                    '(default: the model the run reported its result from)')
 flags.DEFINE_string('input', None, 'translate: input file (default stdin)')
 flags.DEFINE_string('output', None, 'translate: output file (default stdout)')
 flags.DEFINE_integer('beam_size', None, 'beam size (default: the config\'s)')
@@ -48,12 +101,19 @@ flags.DEFINE_integer('batch_size', None, 'sentences per decoding batch')
 flags.DEFINE_string('split', None, 'eval: split (default: the config\'s test '
                     'split for translation, its eval split otherwise)')
 flags.DEFINE_string('prompt', None, 'generate: prompt text')
-flags.DEFINE_integer('max_new_tokens', None, 'generate: tokens to sample')
-flags.DEFINE_float('temperature', None, 'generate: 0 = greedy')
-flags.DEFINE_integer('top_k', None, 'generate: keep the k most likely tokens (0 = off)')
-flags.DEFINE_float('top_p', None, 'generate: nucleus mass (1 = off)')
+flags.DEFINE_integer('max_new_tokens', None, 'generate, chat, judge: tokens '
+                     'to sample (default: generate: the run\'s sample '
+                     'config; chat: 128; judge: 48)')
+flags.DEFINE_float('temperature', None, 'generate, chat, judge: 0 = greedy '
+                   '(default: generate, chat: the run\'s sample config; '
+                   'judge: 1)')
+flags.DEFINE_integer('top_k', None, 'generate, chat: keep the k most likely '
+                     'tokens, 0 = off (default: the run\'s sample config)')
+flags.DEFINE_float('top_p', None, 'generate, chat: nucleus mass, 1 = off '
+                   '(default: the run\'s sample config)')
 flags.DEFINE_integer('seed', 0, 'generate: sampling seed')
-flags.DEFINE_integer('num_samples', None, 'generate: samples per prompt')
+flags.DEFINE_integer('num_samples', None, 'generate: samples per prompt '
+                     '(default: the run\'s sample config)')
 flags.DEFINE_integer('last', None, 'average: number of latest checkpoints')
 flags.DEFINE_integer('steps', 20, 'bench: timed train steps')
 flags.DEFINE_string('from', None, 'import: a .gguf file or a Hugging Face '
@@ -79,6 +139,10 @@ flags.DEFINE_string('host', '127.0.0.1', 'serve: the address to listen on')
 flags.DEFINE_integer('max_batch', 8, 'serve: requests decoded together')
 flags.DEFINE_bool('chat', False, 'generate: the prompt is a user turn, '
                   'rendered with the workdir\'s chat template; prints the reply')
+flags.DEFINE_string('text', None, 'attention: the input (the source sentence '
+                    'of a translation run)')
+flags.DEFINE_string('target', None, 'attention: the translation to attend '
+                    'over (default: the model\'s own)')
 
 
 def _require(name: str) -> str:
@@ -86,26 +150,6 @@ def _require(name: str) -> str:
   if value is None:
     raise UserError(f'--{name} is required for `transflax {sys.argv[1]}`')
   return value
-
-
-def load_workdir_config(workdir: str):
-  """The resolved config.json a training run wrote into `workdir` (with
-  cuDNN attention swapped for XLA's off a GPU)."""
-  path = os.path.join(workdir, 'config.json')
-  if not os.path.exists(path):
-    raise UserError(f'{path} not found: --workdir must be a directory that '
-                    f'`transflax train` has written to')
-  with open(path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  model = config.get('model')
-  if (model is not None and model.get('attention_impl') == 'cudnn'
-      and jax.default_backend() != 'gpu'):
-    # The same attention through XLA: a run trained with cuDNN's kernel on
-    # GPUs still translates, samples and evaluates on any host.
-    logging.info('model.attention_impl: cudnn -> xla on %s',
-                 jax.default_backend())
-    model.attention_impl = 'xla'
-  return config
 
 
 def _cmd_train() -> None:
@@ -116,16 +160,16 @@ def _cmd_train() -> None:
     from train import bench
     bench.dry_run(config)
     return
-  from train import tasks
-  final = tasks.trainer(config)(config, _require('workdir'))
+  from train import runs
+  final = runs.train(config, _require('workdir'))
   if jax.process_index() == 0:  # One result line per run, not per host.
     print(json.dumps({k: v for k, v in final.items()
                       if isinstance(v, (int, float, str))}, sort_keys=True))
 
 
 def _cmd_translate() -> None:
-  from train import evaluate
-  run, params = evaluate.load(_require('workdir'), FLAGS.checkpoint)
+  from train import evaluate, runs
+  run, params = runs.load(_require('workdir'), FLAGS.checkpoint)
   if not hasattr(run.task, 'corpus'):
     raise UserError(f'{FLAGS.workdir} holds a {run.config.task!r} run; '
                     f'`transflax translate` needs a translation run')
@@ -139,8 +183,8 @@ def _cmd_translate() -> None:
 
 
 def _cmd_eval() -> None:
-  from train import evaluate
-  run, params = evaluate.load(_require('workdir'), FLAGS.checkpoint)
+  from train import runs
+  run, params = runs.load(_require('workdir'), FLAGS.checkpoint)
   result = run.task.evaluate_split(run, params, FLAGS.split,
                                    beam_size=FLAGS.beam_size, alpha=FLAGS.alpha,
                                    batch_size=FLAGS.batch_size)
@@ -148,8 +192,8 @@ def _cmd_eval() -> None:
 
 
 def _cmd_generate() -> None:
-  from train import evaluate, sampling
-  run, params = evaluate.load(_require('workdir'), FLAGS.checkpoint)
+  from train import runs, sampling
+  run, params = runs.load(_require('workdir'), FLAGS.checkpoint)
   if not hasattr(run.task, 'sample'):
     raise UserError(f'{FLAGS.workdir} holds a {run.config.task!r} run, which '
                     f'does not generate text; `transflax generate` needs a '
@@ -175,8 +219,8 @@ def _cmd_generate() -> None:
 
 
 def _cmd_average() -> None:
-  from train import evaluate
-  step = evaluate.average(_require('workdir'), _require('last'))
+  from train import runs
+  step = runs.average(_require('workdir'), _require('last'))
   print(f'averaged the last {FLAGS.last} checkpoints into '
         f'{os.path.join(FLAGS.workdir, "checkpoints_avg", str(step))}')
 
@@ -235,6 +279,18 @@ def _cmd_serve() -> None:
   from train import serve
   serve.serve(_require('workdir'), FLAGS.checkpoint, host=FLAGS.host,
               port=FLAGS.port, max_batch=FLAGS.max_batch, system=FLAGS.system)
+
+
+def _cmd_plot(*more_workdirs: str) -> None:
+  from train import plots
+  print(plots.plot_runs([_require('workdir'), *more_workdirs]))
+
+
+def _cmd_attention() -> None:
+  from train import plots
+  for path in plots.plot_attention(_require('workdir'), _require('text'),
+                                   FLAGS.target, FLAGS.checkpoint):
+    print(path)
 
 
 def _override_paths(argv: list[str]) -> list[str]:
@@ -306,11 +362,12 @@ def _one_line(error: BaseException) -> str:
   return ' '.join(lines)
 
 
-def _parse_flags(argv: list[str]) -> None:
-  """Parses absl flags and the config; every mistake becomes one UserError."""
+def _parse_flags(argv: list[str]) -> list[str]:
+  """Parses absl flags and the config; every mistake becomes one UserError.
+  Returns the arguments that are not flags."""
   sys.argv = argv  # config_flags reads the --config.a.b overrides from here
   try:
-    FLAGS(argv)
+    positional = FLAGS(argv)[1:]
   except Exception as e:  # pylint: disable=broad-except
     problem = _unknown_override(argv)
     if problem:
@@ -326,28 +383,81 @@ def _parse_flags(argv: list[str]) -> None:
       cause = e.__cause__ or e
       last = [l.strip() for l in str(cause).splitlines() if l.strip()][-1]
       raise UserError(f'cannot load the --config file: {last}') from None
+  return positional
+
+
+def _usage() -> str:
+  width = max(map(len, COMMANDS))
+  lines = ['usage: transflax COMMAND [flags]', '', 'commands:']
+  lines += [f'  {name:<{width}}  {line}'
+            for name, (line, _, _) in COMMANDS.items()]
+  lines += ['', '`transflax COMMAND --help` lists its flags with their '
+            'defaults and an example.']
+  return '\n'.join(lines)
+
+
+def _flag_help(name: str) -> str:
+  """`--name=DEFAULT` and the help text, without its 'command:' prefix."""
+  flag = FLAGS[name]
+  text = re.sub(r'^[a-z, ]+: ', '', flag.help or '')
+  if name == 'config':
+    return (f'  --config=FILE[:ARG]\n      {text}; override any key with '
+            f'--config.a.b=VALUE')
+  if flag.flag_type() == 'bool':
+    return f'  --[no]{name} (default: {str(flag.default).lower()})\n      {text}'
+  if flag.default is None and '(default:' in text:
+    return f'  --{name}\n      {text}'
+  default = 'none' if flag.default is None else repr(flag.default)
+  return f'  --{name} (default: {default})\n      {text}'
+
+
+def _command_help(command: str) -> str:
+  line, names, example = COMMANDS[command]
+  return '\n'.join([f'transflax {command}: {line}', '', 'flags:',
+                    *map(_flag_help, names), '', 'example:',
+                    f'  {example}'])
+
+
+def _check_command_flags(command: str, positional: list[str]) -> None:
+  """Another command's flag, or a stray argument, is a UserError."""
+  own = COMMANDS[command][1]
+  for name in sorted({n for names in (c[1] for c in COMMANDS.values())
+                      for n in names} - set(own)):
+    if FLAGS[name].present:
+      users = [c for c, (_, names, _) in COMMANDS.items() if name in names]
+      raise UserError(f'--{name} is not a flag of `transflax {command}` (it '
+                      f'is for {", ".join(users)}); see `transflax {command} '
+                      f'--help`')
+  if positional and command != 'plot':
+    raise UserError(f'unexpected argument {positional[0]!r} for `transflax '
+                    f'{command}`; see `transflax {command} --help`')
 
 
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
-  if any(a in ('-h', '--help', '--helpfull') for a in argv[1:]):
-    print(__doc__)
-    print(FLAGS.get_help(include_special_flags=False))
-    return 0
-  if len(argv) < 2 or argv[1] not in COMMANDS:
-    print(f'usage: transflax {{{",".join(COMMANDS)}}} [flags]; see the '
-          f'module docstring of train/cli.py', file=sys.stderr)
+  command = argv[1] if len(argv) > 1 else None
+  wants_help = any(a in ('-h', '--help', '--helpfull') for a in argv[1:])
+  if command in (None, '-h', '--help', '--helpfull', 'help'):
+    print(_usage(), file=sys.stdout if wants_help or command else sys.stderr)
+    return 0 if command else 2
+  if command not in COMMANDS:
+    near = difflib.get_close_matches(command, list(COMMANDS), n=1)
+    hint = f'; did you mean {near[0]}?' if near else ''
+    print(f'error: unknown command {command!r}{hint}\n\n{_usage()}',
+          file=sys.stderr)
     return 2
-  command = argv[1]
+  if wants_help:
+    print(_command_help(command))
+    return 0
   # Our warnings stay visible; Orbax's routine INFO chatter does not.
   logging.set_verbosity(logging.WARNING)
   try:
-    _parse_flags(argv[:1] + argv[2:])
+    positional = _parse_flags(argv[:1] + argv[2:])
+    _check_command_flags(command, positional)
     sys.argv = argv
-    globals()[f'_cmd_{command}']()
+    globals()[f'_cmd_{command}'](*positional)
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    return errors.report(e)
   return 0
 
 

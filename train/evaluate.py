@@ -1,4 +1,4 @@
-"""Loading a trained workdir; beam-search translation and sacreBLEU/chrF.
+"""Beam-search translation and sacreBLEU/chrF (train/runs.py loads a workdir).
 
 Translation sorts sentences by length (fewer pad tokens, fewer shapes to
 compile), decodes in batches with the KV cache and returns outputs in input
@@ -22,56 +22,12 @@ import numpy as np
 import sacrebleu
 
 from data import tokenizer as tokenizers
-from data.errors import UserError
 from model import EncoderDecoder, generate, init_cache
-from train import checkpoint, init_from
+from train import sampling
 
 
 def _round_up(n: int, multiple: int = 8) -> int:
   return max(multiple, -(-n // multiple) * multiple)
-
-
-# -- loading -------------------------------------------------------------------
-
-def load(workdir: str, which: str = 'latest'):
-  """(Run, params) of a trained workdir; which = latest | best | average | STEP."""
-  from train import cli, loop
-  if not (which in ('latest', 'best', 'average') or which.isdigit()):
-    raise UserError(f'--checkpoint={which!r}: use latest, best, average or a '
-                    f'step number')
-  run = loop.Run(cli.load_workdir_config(workdir), workdir, for_training=False)
-  ckpt = run.ckpt
-  step: Any = int(which) if which.isdigit() else which
-  if which == 'average':
-    step = 'latest'
-    ckpt = checkpoint.Checkpointer(workdir, subdir='checkpoints_avg',
-                                   best_metric=None, read_only=True)
-  if run.task.loop == 'rl' and which != 'average':
-    return run, _policy_params(run, workdir, which)
-  restored = ckpt.restore(run.abstract_state, step=step)
-  if restored is None:
-    hint = ('run `transflax average` first' if which == 'average'
-            else 'train first')
-    raise UserError(f'no checkpoint in {ckpt.directory}; {hint}')
-  return run, restored[1].params
-
-
-def _policy_params(run, workdir: str, which: str):
-  """The policy's params of an RL checkpoint (which also holds a value
-  model and the KL state), read like train.init_from reads any run's."""
-  source = init_from.resolve(f'{workdir}:{which}')
-  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype, device=a.sharding),
-                       run.abstract_state.params)
-  params, _ = init_from.load_params(source, zeros, workdir=workdir,
-                                    model=run.model_config.to_dict(),
-                                    require_all=True)
-  return params
-
-
-def average(workdir: str, last_n: int) -> int:
-  from train import cli, loop
-  run = loop.Run(cli.load_workdir_config(workdir), workdir, for_training=False)
-  return checkpoint.save_average(workdir, last_n, run.abstract_state)
 
 
 # -- translation -----------------------------------------------------------------
@@ -85,9 +41,11 @@ def mask_unproducible(logits: jax.Array, vocab_limit: int) -> jax.Array:
   exist when model.vocab_size is padded (e.g. to a multiple of 128) and
   cannot be detokenised.
   """
-  ids = jnp.arange(logits.shape[-1])
-  bad = (ids == tokenizers.PAD_ID) | (ids >= vocab_limit)
-  return jnp.where(bad, generate.NEG_INF, logits)
+  return logits + _unproducible(vocab_limit, logits.shape[-1])
+
+
+def _unproducible(vocab_limit: int, vocab_size: int) -> jax.Array:
+  return sampling.logits_mask(((tokenizers.PAD_ID,), vocab_limit), vocab_size)
 
 
 def cached_step(dmodel, params, encoded, segmentation, vocab_limit: int):
@@ -97,12 +55,9 @@ def cached_step(dmodel, params, encoded, segmentation, vocab_limit: int):
   source's segmentation [n, s] (0 on padding) already expanded to the
   n = batch * beam rows the search feeds.
   """
-  def tokens_to_logits(tokens, cache):
-    logits, mut = dmodel.apply({'params': params, 'cache': cache}, encoded,
-                               segmentation, tokens,
-                               method=EncoderDecoder.decode, mutable=['cache'])
-    return mask_unproducible(logits[:, 0], vocab_limit), mut['cache']
-  return tokens_to_logits
+  return generate.cached_step(
+      dmodel, params, encoded, segmentation, method=EncoderDecoder.decode,
+      bias=_unproducible(vocab_limit, dmodel.config.vocab_size))
 
 
 def uncached_step(module, params, encoded, segmentation, max_len: int,
@@ -219,7 +174,7 @@ def decode_speed(run, params, lines: list[str], beam_size: int | None = None,
   Each mode is run once untimed first, so compilation is not counted. E.g.
   beam 4 on Multi30k test_2016_flickr with a trained workdir:
 
-    run, params = evaluate.load('runs/m30k', 'average')
+    run, params = runs.load('runs/m30k', 'average')
     src = [s for s, _ in run.task.corpus('test_2016_flickr').pairs]
     print(evaluate.decode_speed(run, params, src, 4))
   """

@@ -45,7 +45,7 @@ import numpy as np
 from data import chat
 from data import tokenizer as tokenizers
 from data.errors import UserError
-from train import objectives, sampling
+from train import objectives, runs, sampling
 from train.chat import ChatModel
 from train.rl import rollout as rollout_lib
 
@@ -136,7 +136,7 @@ def _fluency_nll(workdir: str, prompts, replies: list[str]):
   return out
 
 
-def judge(workdir: str, *, prompts: str | None = None, checkpoint: str = 'latest',
+def judge(workdir: str, *, prompts: str | None = None, checkpoint: str | None = None,
           reference: str | None = None, fluency_model: str | None = DEFAULT_FLUENCY,
           reward_model: str | None = None, num_prompts: int = 160,
           max_new_tokens: int = 48, max_prompt_length: int = 64,
@@ -200,7 +200,8 @@ def judge(workdir: str, *, prompts: str | None = None, checkpoint: str = 'latest
   texts = judged.tokenizer.decode(replies)
   positivity = vader_scores(texts)
   result = {
-      'workdir': workdir, 'checkpoint': checkpoint,
+      'workdir': workdir,
+      'checkpoint': checkpoint or runs.reported_checkpoint(workdir),
       'prompts': prompts or 'chitchat:test', 'num_prompts': len(texts),
       'num_prompts_limit': num_prompts,
       'prompts_too_long': dropped, 'temperature': temperature,

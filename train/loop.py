@@ -43,6 +43,30 @@ class NonFiniteLoss(UserError):
   """The loss became NaN/inf; the last good checkpoint is kept."""
 
 
+def mesh_for(config, devices: Sequence[jax.Device] | None = None):
+  """(mesh, sharding rules) of `config.mesh`, after partitioning.initialize:
+  the first thing a run or a benchmark does."""
+  m = config.mesh
+  partitioning.initialize(m)
+  mesh = partitioning.make_mesh(m.data, m.fsdp, m.tensor, devices)
+  return mesh, partitioning.rules_from_config(m.rules)
+
+
+def task_for(config, workdir: str | None, mesh, rules, *,
+             with_tokenizer: bool = True, source=None):
+  """(task, rules fitted to its kv heads, lr schedule, optimizer) of `config`
+  on `mesh`; `source` (init_from.Source) when a fresh run starts from
+  another run."""
+  task = tasks.make_task(config, workdir, with_tokenizer=with_tokenizer,
+                         source=source)
+  rules = partitioning.fit_kv_heads(rules, mesh, task.model_config.kv_heads)
+  schedule = state_lib.make_schedule(
+      config.optimizer, task.model_config.d_model,
+      task.optimizer_steps(config.train.num_steps))
+  return task, rules, schedule, state_lib.make_optimizer(config.optimizer,
+                                                         schedule)
+
+
 class Run:
   """Everything a run builds from (config, workdir); shared by train/eval/generate.
 
@@ -58,10 +82,7 @@ class Run:
     to continue an 8-device run on one device."""
     self.config = config
     self.workdir = workdir
-    m = config.mesh
-    partitioning.initialize(m)
-    self.mesh = partitioning.make_mesh(m.data, m.fsdp, m.tensor, devices)
-    self.rules = partitioning.rules_from_config(m.rules)
+    self.mesh, rules = mesh_for(config, devices)
     self.ckpt = checkpoint.Checkpointer(
         workdir, keep=max(config.train.keep_checkpoints,
                           config.train.average_last or 0),
@@ -71,17 +92,12 @@ class Run:
     try:
       self.source = (init_from.resolve(spec) if spec and for_training
                      and self.ckpt.latest_step() is None else None)
-      self.task = tasks.make_task(config, workdir, source=self.source)
+      self.task, self.rules, self.schedule, self.tx = task_for(
+          config, workdir, self.mesh, rules, source=self.source)
     except BaseException:
       self.ckpt.close()  # else Orbax's threads outlive the error's exit
       raise
     self.model_config = self.task.model_config
-    self.rules = partitioning.fit_kv_heads(self.rules, self.mesh,
-                                           self.model_config.kv_heads)
-    num_steps = self.task.optimizer_steps(config.train.num_steps)
-    self.schedule = state_lib.make_schedule(config.optimizer,
-                                            self.model_config.d_model, num_steps)
-    self.tx = state_lib.make_optimizer(config.optimizer, self.schedule)
     self.abstract_state, self.shardings = state_lib.abstract_train_state(
         self.task.init_params, self.tx, config.train.seed, self.mesh, self.rules)
     self.param_counts = state_lib.count_params(self.abstract_state.params)

@@ -57,13 +57,19 @@ def _now() -> float:
 
 def peak_flops_per_device(device: Any, override: float | None = None
                           ) -> float | None:
-  """Dense bf16 peak FLOP/s of `device`, `override` if given, else None."""
+  """Dense bf16 peak FLOP/s of `device`, `override` if given, else None.
+
+  CPUs have no datasheet peak (`transflax bench` measures one), so a CPU
+  run's MFU is null without a warning; an unknown accelerator warns once.
+  """
   if override:
     return float(override)
   kind = getattr(device, 'device_kind', str(device))
   for pattern, flops in PEAK_FLOPS:
     if re.search(pattern, kind.lower()):
       return flops
+  if getattr(device, 'platform', None) == 'cpu':
+    return None
   if kind not in _warned_kinds:
     _warned_kinds.add(kind)
     logging.warning('Unknown peak FLOP/s for device kind %r: MFU is not '

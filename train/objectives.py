@@ -75,7 +75,7 @@ def softmax_stats(logits: Array, targets: Array,
   dtype. Autodiff of the same forward instead scattered the label's
   cotangent into a zero [..., v] array and added it in separate passes: for
   a 50k vocabulary these passes over [tokens, v] are much of a GPU step's
-  non-GEMM time (README, Throughput). Reverse mode only (a custom VJP).
+  non-GEMM time (docs/performance/gpu.md). Reverse mode only (a custom VJP).
   """
   x = logits.astype(jnp.float32)
   shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0)

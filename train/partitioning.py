@@ -127,8 +127,8 @@ def use_cpu_devices(n: int) -> None:
   On a host without accelerators the mesh's data axis then runs n batch
   shards side by side. A small model's step is hundreds of small ops that
   XLA:CPU mostly runs one at a time on one core, so one device per core is
-  faster (shakespeare_char:cpu on 2 cores: 48 -> 39 ms per step; a large
-  model's big matmuls already use every core and gain nothing). Accelerator
+  faster (docs/performance/cpu.md); a large model's big matmuls already use
+  every core and gain nothing. Accelerator
   hosts are unaffected: their meshes hold no CPU devices. Must run before
   the first JAX computation; after it (a notebook or test that already ran
   JAX) the devices stay as they are, with a warning if they differ.

@@ -164,17 +164,13 @@ def _jitted_steps(model_config, start_id: int, top_k: int, top_p: float,
   def step(params, state, temperature):
     mask = logits_mask(never, model_config.vocab_size)
 
-    def cached(tokens, cache):
-      logits, mut = dmodel.apply({'params': params, 'cache': cache}, tokens,
-                                 mutable=['cache'])
-      return logits[:, 0] + mask, mut['cache']
-
     def windowed(tokens, fed):
       fed = jnp.concatenate([fed[:, 1:], tokens], axis=1)
       return full.apply({'params': params}, fed)[:, -1] + mask, fed
 
     return generate.sample_step(
-        state, windowed if window else cached, eos_id=eos_id,
+        state, windowed if window else generate.cached_step(
+            dmodel, params, bias=mask), eos_id=eos_id,
         temperature=temperature, top_k=top_k, top_p=top_p, start_id=start_id)
 
   def steps(params, state, temperature, stop):
@@ -423,6 +419,24 @@ class _Detokenizer:
     return self.tok.decode([list(ids)])[0]
 
 
+class TextDeltas:
+  """Ids as they grow -> the new text each time, for streaming: whole
+  characters only (one split across byte pieces waits for its last byte,
+  unless `final`). `decode`: ids -> text."""
+
+  def __init__(self, decode):
+    self.decode, self.shown = decode, ''
+
+  def __call__(self, ids, final: bool = False) -> str:
+    text = self.decode(ids)
+    if not final:
+      text = text.rstrip('\ufffd')
+    if not text.startswith(self.shown):
+      return ''
+    delta, self.shown = text[len(self.shown):], text
+    return delta
+
+
 def generate_text(run, params, prompt: str, *, max_new_tokens: int,
                   temperature: float, top_k: int, top_p: float, seed: int,
                   stream: IO[str] | None = None) -> str:
@@ -468,7 +482,7 @@ def generate_text(run, params, prompt: str, *, max_new_tokens: int,
   context = ([] if template or start_id == tok.eos_id
              else [start_id]) + ([] if template else forced)
   detok = _Detokenizer(tok, context)
-  shown = ''
+  deltas = TextDeltas(detok)
   shown_prompt = '' if template else prompt
   if stream is not None:
     stream.write(shown_prompt)
@@ -491,19 +505,14 @@ def generate_text(run, params, prompt: str, *, max_new_tokens: int,
     index, ended = int(state.index), bool(np.asarray(state.ended).all())
     if stream is not None and index > len(forced):
       sequence = np.asarray(state.sequences)[0]
-      text = detok(_until_stop(sequence[len(forced):index], settings[-1]))
-      # Hold back a character whose bytes have not all arrived.
-      text = text.rstrip('\ufffd')
-      if text.startswith(shown) and len(text) > len(shown):
-        stream.write(text[len(shown):])
-        stream.flush()
-        shown = text
-  text = detok(_until_stop(np.asarray(state.sequences)[0, len(forced):],
-                          settings[-1]))
+      stream.write(deltas(_until_stop(sequence[len(forced):index],
+                                      settings[-1])))
+      stream.flush()
+  ids = _until_stop(np.asarray(state.sequences)[0, len(forced):], settings[-1])
   if stream is not None:
-    stream.write((text[len(shown):] if text.startswith(shown) else '') + '\n')
+    stream.write(deltas(ids, final=True) + '\n')
     stream.flush()
-  return shown_prompt + text
+  return shown_prompt + detok(ids)
 
 
 def generate_samples(run, params, prompt: str, *, num_samples: int = 1,
@@ -534,14 +543,11 @@ def decode_speed(model_config, params, batch: int, n: int) -> float:
   # program (GPT-2 small: 500 MB to embed and constant-fold).
   @jax.jit
   def run(params, rng):
-    def tokens_to_logits(tokens, cache):
-      logits, mut = dmodel.apply({'params': params, 'cache': cache}, tokens,
-                                 mutable=['cache'])
-      return logits[:, 0], mut['cache']
     cache = init_cache(dmodel, batch, n)
     prompt = jnp.zeros((batch, n), jnp.int32)
     # eos_id -1: no row ends early, every step decodes all rows.
-    return generate.temperature_sample(prompt, cache, tokens_to_logits, rng,
+    return generate.temperature_sample(prompt, cache,
+                                       generate.cached_step(dmodel, params), rng,
                                        eos_id=-1, temperature=1.0)
 
   jax.block_until_ready(run(params, jax.random.PRNGKey(0)))

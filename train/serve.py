@@ -40,7 +40,8 @@ import numpy as np
 
 from data import chat as chat_data
 from data.errors import UserError
-from train.chat import ChatModel, TextDeltas
+from train import sampling
+from train.chat import ChatModel
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -262,7 +263,7 @@ class Server:
         self.send_header('Connection', 'close')
         self.end_headers()
         self.close_connection = True
-        deltas, ids = TextDeltas(server.model), []
+        deltas, ids = sampling.TextDeltas(server.model.text), []
         chunk = server.chunk_maker()
         try:
           self._event(chunk({'role': 'assistant', 'content': ''}, None))
@@ -390,7 +391,7 @@ def _number(body, key, default, low, high) -> float:
   return float(value)
 
 
-def serve(workdir: str, checkpoint: str = 'latest', *, host: str = '127.0.0.1',
+def serve(workdir: str, checkpoint: str | None = None, *, host: str = '127.0.0.1',
           port: int = 8000, max_batch: int = 8, system: str | None = None
           ) -> None:
   model = ChatModel(workdir, checkpoint, system=system)

@@ -110,8 +110,8 @@ def create_train_state(init_params, tx, seed: int, mesh,
   _, shardings = abstract_train_state(init_params, tx, seed, mesh, rules)
   init = _state_init(init_params, tx)
   # This program runs once. On a CPU, building it without LLVM optimisation
-  # (a threefry loop per parameter) saves ~1 s of its ~2.5-4 s compile and
-  # costs well under that at run time.
+  # (a threefry loop per parameter) saves compile time and costs less than
+  # that at run time (docs/performance/cpu.md).
   options = ({'xla_backend_optimization_level': 0}
              if jax.default_backend() == 'cpu' else None)
   with mesh, nn.logical_axis_rules(rules):

@@ -23,7 +23,6 @@ import os
 import shutil
 import time
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,9 +73,6 @@ def read(path: str):
 
 def import_checkpoint(src: str, workdir: str) -> dict:
   """Converts `src` into a new workdir; returns a summary (JSON-able)."""
-  from experiments import defaults
-  from train import loop, state as state_lib
-  from train.tasks import base
   start = time.perf_counter()
   workdir = os.path.abspath(workdir)
   if os.path.exists(os.path.join(workdir, 'checkpoints')) or os.path.exists(
@@ -159,14 +155,14 @@ def _write_workdir(src, workdir, family, cfg, params, tok, template, start):
           'vocab_size': cfg.vocab_size, 'seconds': round(seconds, 1)}
 
 
-def export_checkpoint(workdir: str, dst: str, which: str = 'latest') -> dict:
+def export_checkpoint(workdir: str, dst: str, which: str | None = None) -> dict:
   """Writes the workdir's DecoderLM as a Hugging Face folder `dst`."""
-  from train import evaluate
+  from train import runs
   from model import DecoderLM
   if os.path.exists(dst) and os.listdir(dst):
     raise UserError(f'--to {dst} already exists and is not empty; export '
                     f'into a new folder (it would overwrite config.json)')
-  run, params = evaluate.load(workdir, which)
+  run, params = runs.load(workdir, which)
   if run.task.module_class is not DecoderLM:
     raise UserError(f'{workdir} holds a {run.config.task!r} model; export '
                     f'writes decoder-only language models (tasks lm, sft, dpo)')

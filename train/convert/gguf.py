@@ -10,7 +10,6 @@ them onto ours.
 from __future__ import annotations
 
 import collections
-import json
 
 import numpy as np
 

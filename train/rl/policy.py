@@ -27,7 +27,7 @@ from data import chat
 from data.errors import UserError
 from train import sampling
 from train.rl import advantages
-from train.tasks import base, register
+from train.tasks import base
 from train.tasks.lm import DecoderTask
 
 
@@ -160,14 +160,14 @@ class Policy(DecoderTask):
                     f'not from a dataset')
 
 
-@register
+@base.register
 class PPO(Policy):
   """PPO with a value model and a KL penalty in the reward (InstructGPT)."""
   name = 'ppo'
   algorithm = 'ppo'
 
 
-@register
+@base.register
 class GRPO(Policy):
   """GRPO: G samples per prompt, group-normalised rewards, KL in the loss."""
   name = 'grpo'

@@ -12,23 +12,15 @@ A task builds its tokenizer, model(s) and datasets from the experiment config
 and owns its objective, `loss(params, frozen, batch, rng) -> (loss_sum,
 weight, metric_sums)`, its evaluation and its FLOPs per step (see
 `base.Task`). The loop, the steps, the shardings and the checkpoints are
-shared; nothing outside a task's own file branches on which task it is.
+shared (train/runs.py picks the RL loop for a task whose `loop` is 'rl');
+nothing outside a task's own file branches on which task it is.
 """
 
 from __future__ import annotations
 
 from data.errors import UserError
-from train.tasks.base import Task, model_config, split_files, TOKENIZER_FILE
-
-REGISTRY: dict[str, type[Task]] = {}
-
-
-def register(cls: type[Task]) -> type[Task]:
-  """Class decorator: makes `cls` the task `config.task == cls.name`."""
-  if cls.name in REGISTRY:
-    raise ValueError(f'task {cls.name!r} is registered twice')
-  REGISTRY[cls.name] = cls
-  return cls
+from train.tasks.base import (REGISTRY, Task, TOKENIZER_FILE, model_config,
+                              register, split_files)
 
 
 def make_task(config, workdir: str | None, *, with_tokenizer: bool = True,
@@ -42,18 +34,9 @@ def make_task(config, workdir: str | None, *, with_tokenizer: bool = True,
                                source=source)
 
 
-def trainer(config):
-  """The function that trains `config.task`: (config, workdir) -> metrics."""
-  if config.task in REGISTRY and REGISTRY[config.task].loop == 'rl':
-    from train.rl import loop
-    return loop.train
-  from train import loop
-  return loop.train_and_evaluate
-
-
 # Registration happens on import; the order is the docstring's.
 from train.tasks import translation, lm, mlm, sft, reward, dpo  # noqa: E402,F401
 from train.rl import policy  # noqa: E402,F401  (ppo, grpo)
 
-__all__ = ['Task', 'REGISTRY', 'register', 'make_task', 'trainer', 'model_config',
+__all__ = ['Task', 'REGISTRY', 'register', 'make_task', 'model_config',
            'split_files', 'TOKENIZER_FILE']

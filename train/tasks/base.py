@@ -260,5 +260,16 @@ class Task:
     return {}
 
 
+REGISTRY: dict[str, type[Task]] = {}
+
+
+def register(cls: type[Task]) -> type[Task]:
+  """Class decorator: makes `cls` the task `config.task == cls.name`."""
+  if cls.name in REGISTRY:
+    raise ValueError(f'task {cls.name!r} is registered twice')
+  REGISTRY[cls.name] = cls
+  return cls
+
+
 __all__ = ['Task', 'model_config', 'split_files', 'token_eval_metrics',
            'INIT_FROM', 'TOKENIZER_FILE', 'objectives']

@@ -33,7 +33,7 @@ import numpy as np
 from data import preferences
 from data.errors import UserError
 from train import metrics as metrics_lib, objectives
-from train.tasks import base, register
+from train.tasks import base
 from train.tasks.lm import DecoderTask
 from train.tasks.reward import PreferenceData
 
@@ -41,7 +41,7 @@ KEYS = ('inputs', 'targets', 'loss_mask', 'inputs_segmentation',
         'inputs_position')
 
 
-@register
+@base.register
 class DPO(PreferenceData, DecoderTask):
   """A DecoderLM policy trained on preference pairs with DPO."""
   name = 'dpo'
@@ -143,7 +143,7 @@ class DPO(PreferenceData, DecoderTask):
     if not split:  # e.g. sampled pairs: the test prompts are for judging
       return out
     held = run.evaluate_loss(state.params, split, max_batches=0)
-    out.update({k.replace('eval/', f'test/'): v for k, v in held.items()})
+    out.update({k.replace('eval/', 'test/'): v for k, v in held.items()})
     if jax.process_index() == 0:
       print(f'held-out pairs ({split}): ' + ', '.join(
           f'{k} {v:.4f}' for k, v in held.items()), flush=True)

@@ -23,7 +23,7 @@ from data import tokens as token_files
 from data.errors import UserError
 from model import DecoderLM
 from train import objectives, sampling
-from train.tasks import base, register
+from train.tasks import base
 
 
 class DecoderTask(base.Task):
@@ -178,7 +178,7 @@ class TextCorpus:
         shard_count=shard_count)
 
 
-@register
+@base.register
 class LanguageModel(TextCorpus, DecoderTask):
   """Decoder-only next-token prediction on plain text."""
   name = 'lm'

@@ -23,7 +23,7 @@ from data import pipeline
 from data.errors import UserError
 from model import MaskedLM
 from train import metrics as metrics_lib, objectives
-from train.tasks import base, register
+from train.tasks import base
 from train.tasks.lm import TextCorpus
 
 MASK_PIECE = '<mask>'
@@ -49,7 +49,7 @@ def mask_tokens(tokens: jax.Array, real: jax.Array, rng: jax.Array, *,
   return corrupted, chosen
 
 
-@register
+@base.register
 class MaskedLanguageModel(TextCorpus, base.Task):
   """The Encoder learns to restore masked tokens (BERT's MLM)."""
   name = 'mlm'

@@ -36,7 +36,7 @@ from data.errors import UserError
 from model import ScalarLM
 from train import metrics as metrics_lib, objectives, partitioning
 from train import step as step_lib
-from train.tasks import base, register
+from train.tasks import base
 
 KEYS = ('inputs', 'inputs_segmentation', 'inputs_position', 'levels')
 
@@ -81,7 +81,7 @@ class PreferenceData:
         shard_count=shard_count)
 
 
-@register
+@base.register
 class RewardModel(PreferenceData, base.Task):
   """A scalar reward model trained on K-way rankings."""
   name = 'reward'

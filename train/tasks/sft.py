@@ -25,11 +25,11 @@ from data import chat, pipeline
 from data import tokenizer as tokenizers
 from data.errors import UserError
 from train import objectives
-from train.tasks import base, register
+from train.tasks import base
 from train.tasks.lm import DecoderTask
 
 
-@register
+@base.register
 class SFT(DecoderTask):
   """Instruction tuning: a DecoderLM learns the assistant's side of conversations."""
   name = 'sft'

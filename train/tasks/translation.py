@@ -21,10 +21,10 @@ from data import tokenizer as tokenizers
 from data.errors import UserError
 from model import EncoderDecoder
 from train import checkpoint, evaluate, metrics as metrics_lib, objectives
-from train.tasks import base, register
+from train.tasks import base
 
 
-@register
+@base.register
 class Translation(base.Task):
   """Encoder-decoder translation on parallel text (Multi30k, WMT, files)."""
   name = 'translation'
@@ -139,6 +139,8 @@ class Translation(base.Task):
                                     best_metric=None, read_only=True)
       params = avg.restore(run.abstract_state)[1].params
       out['averaged_last'] = n
+    # The model these numbers are from: what `transflax translate` loads.
+    out['checkpoint'] = 'average' if config.train.average_last else 'latest'
     # The examples are the first scored sentences: no second decode (another
     # compile, and on one process only, which sharded params cannot serve).
     result, pairs, hyps = evaluate.score_split(
