@@ -19,6 +19,10 @@ every query sees the real slots up to its own. One call with the whole
 prompt fills the cache (prefill); then one token per call.
 Cross-attention projects the encoder output once, at index 0, and reuses it
 for every later step.
+
+Figures: applied with `mutable=['intermediates']`, every attention also sows
+its probabilities [b, h, q, s] as `attention_weights` (train/plots.py reads
+them); otherwise nothing is computed or stored.
 """
 
 from __future__ import annotations
@@ -112,25 +116,49 @@ def _mask_rows(mask: Array, lo: int, hi: int) -> Array:
   return mask[:, :, rows, keys]
 
 
-def _attend(query: Array, key: Array, value: Array, mask: Array | None,
-            dropout_rate: float, dropout_rng: Array | None) -> Array:
-  """Heads-major, queries already scaled: [b,h,q,k], [b,n,s,k] -> [b,h,q,k]."""
+def _softmax(query: Array, key: Array, mask: Array | None) -> Array:
+  """Heads-major, queries already scaled: [b,h,q,k], [b,n,s,k] -> float32
+  weights [b,h,q,s], or [b,n,g,q,s] for grouped-query attention (n < h)."""
   b, h, q, k = query.shape
   n = key.shape[1]
   if n != h:  # grouped-query: the g query heads of a kv head in one einsum
     query = query.reshape(b, n, h // n, q, k)
     mask = None if mask is None else mask[:, :, None]
-    spec = 'bngqk,bnsk->bngqs', 'bngqs,bnsk->bngqk'
+    spec = 'bngqk,bnsk->bngqs'
   else:
-    spec = 'bhqk,bhsk->bhqs', 'bhqs,bhsk->bhqk'
-  logits = f32_out_einsum(spec[0], query, key)
+    spec = 'bhqk,bhsk->bhqs'
+  logits = f32_out_einsum(spec, query, key)
   if mask is not None:
     logits = jnp.where(mask, logits, _NEG)
-  weights = jax.nn.softmax(logits, axis=-1)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def _attend(query: Array, key: Array, value: Array, mask: Array | None,
+            dropout_rate: float, dropout_rng: Array | None) -> Array:
+  """Heads-major, queries already scaled: [b,h,q,k], [b,n,s,k] -> [b,h,q,k]."""
+  b, h, q, k = query.shape
+  weights = _softmax(query, key, mask)
   if dropout_rng is not None and dropout_rate > 0.0:
     weights = dropout(weights, dropout_rate, dropout_rng)
   weights = weights.astype(value.dtype)
-  return jnp.einsum(spec[1], weights, value).reshape(b, h, q, k)
+  spec = 'bngqs,bnsk->bngqk' if weights.ndim == 5 else 'bhqs,bhsk->bhqk'
+  return jnp.einsum(spec, weights, value).reshape(b, h, q, k)
+
+
+def attention_weights(query: Array, key: Array, mask: Array | None, *,
+                      is_causal: bool = False) -> Array:
+  """softmax(q k^T / sqrt(k)) as float32 [b, h, q, s], masked like
+  `dot_product_attention` (q [b,q,h,k], k [b,s,n,k], mask [b,1,q,s]): the
+  probabilities its XLA path multiplies the values with (before dropout).
+  A query row whose keys are all masked (padding) is uniform."""
+  depth = query.shape[-1]
+  query = query / jnp.sqrt(jnp.asarray(depth, query.dtype))
+  if is_causal:
+    causal = causal_mask(query.shape[1])
+    mask = causal if mask is None else mask & causal
+  b, q, h, _ = query.shape
+  weights = _softmax(jnp.swapaxes(query, 1, 2), jnp.swapaxes(key, 1, 2), mask)
+  return weights.reshape(b, h, q, key.shape[1])
 
 
 class MultiHeadAttention(nn.Module):
@@ -220,6 +248,11 @@ class MultiHeadAttention(nn.Module):
                                 dropout_rng=dropout_rng,
                                 impl=cfg.attention_impl,
                                 block=cfg.attention_block)
+    if self.is_mutable_collection('intermediates'):
+      # Only when asked (apply(..., mutable=['intermediates'])), for figures:
+      # the weights are recomputed beside the attention, which stays as is.
+      self.sow('intermediates', 'attention_weights',
+               attention_weights(query, key, mask, is_causal=is_causal))
     kernel, bias = self._proj_params(
         'out', (cfg.num_heads, cfg.head_dim_, cfg.d_model),
         ('heads', 'kv', 'embed'), (0, 1), 2)
