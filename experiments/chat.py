@@ -15,47 +15,47 @@ Args after the colon: pretrain, sft, reward, dpo, ppo, grpo; each with a `-smoke
 twin (e.g. `sft-smoke`) that runs the same code on a tiny model in seconds
 and chains from the `-smoke` stage before it (runs/chat_<stage>_smoke).
 
-Each stage starts from the one before (`train.init_from`, README "Runs
-chain"); give --config.train.init_from=WORKDIR to chain other workdirs.
-Expected wall times are for a 2-core CPU with nothing else running; the
-measured ones are in README's results table.
+Each stage starts from the one before (`train.init_from`, README "A run's
+workdir"); give --config.train.init_from=WORKDIR to chain other workdirs.
+Hardware: a 2-core CPU. Expected results and wall times: see README's
+results table (each stage in docs/chat.md).
 
-  pretrain  (input: nothing; ~20 min) a GPT (pre-LayerNorm, GELU, learned
+  pretrain  (input: nothing) a GPT (pre-LayerNorm, GELU, learned
             positions, tied embeddings; d_model 256, 4 layers, 4 heads, 5.3M
             parameters) on the text of the human conversations of PyPI
             chitchat-dataset (one turn per line, 90% of the chats; 5%
             validate, 5% are held out for judging the finished models):
             1,200 steps of 16 x 128 tokens, about one epoch. Its 8k
             SentencePiece vocabulary reserves the chat template's pieces.
-  sft       (input: runs/chat_pretrain; ~15 min) instruction tuning on the
+  sft       (input: runs/chat_pretrain) instruction tuning on the
             same chats as conversations of up to 6 turns (the first speaker
             is the user), loss on the assistant's turns only, 500 steps of
             16 packed rows of 256 tokens.
-  reward    (input: runs/chat_sft; ~20 min) a reward model (the SFT body and
+  reward    (input: runs/chat_sft) a reward model (the SFT body and
             a scalar head) from human sentiment ratings ranked 4 at a time
             (InstructGPT's K-way loss), 600 steps of 16 rankings; judged on
             held-out human pairs beside VADER.
-  dpo       (input: runs/chat_sft, runs/chat_reward; ~30 min) DPO as in the
+  dpo       (input: runs/chat_sft, runs/chat_reward) DPO as in the
             DPO paper's controlled-sentiment task: 4 replies of the SFT
             model to each of 2,000 chitchat openings, ranked by the reward
             model, every comparison a pair (train/preference_sampling.py;
             written to the workdir first), 400 steps of 16 pairs, beta 0.1,
             against the frozen SFT model. `--config.data.corpus=sentiment`
             trains on the human-rated sentences as pairs instead.
-  ppo       (input: runs/chat_sft, runs/chat_reward; ~20-40 min) RLHF with
+  ppo       (input: runs/chat_sft, runs/chat_reward) RLHF with
             PPO (train/rl/): per iteration 16 responses of up to 48 tokens
             to chitchat opening turns, scored by the reward model (on the
             response alone, as it was trained), a per-token KL penalty to
             the frozen SFT model (beta 0.05), GAE (gamma 1, lambda 0.95), 4
             epochs of minibatches of 8 for the policy and a value model
             initialised from the reward model; 200 iterations, lr 1e-5.
-  grpo      (input: runs/chat_sft, runs/chat_reward; ~10 min) GRPO: 4
+  grpo      (input: runs/chat_sft, runs/chat_reward) GRPO: 4
             prompts x 4 responses per iteration, advantages normalised
             within each prompt's group, the k3 KL to the SFT model in the
             loss (beta 0.04), one update per iteration; 200 iterations.
 
 `--config.rl.kl_coef=B` (ppo, grpo) and `--config.dpo.beta=B` (dpo) give the
-other points of README's reward-vs-KL frontier
+other points of the reward-vs-KL frontier in docs/chat.md
 (`python -m experiments.chat_judge ... --plot`, judged by
 `transflax judge`: VADER positivity, SmolLM2 perplexity, KL to SFT on
 chitchat's held-out test openings).

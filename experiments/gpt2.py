@@ -35,15 +35,16 @@ Compute is bfloat16 with float32 parameters and optimizer state
 (model.dtype); the logits are written in bfloat16 and the loss upcasts them
 to float32, as under nanoGPT's autocast (model.float32_logits=False). Add
 --config.model.attention_impl=cudnn on Ampere/Hopper GPUs for the fused
-attention kernel (no [len, len] matrix in memory). On one H100 80GB,
-micro-batches of 64 rows ran fastest of 16, 32 and 64 (README: MFU 42.1%);
+attention kernel (no [len, len] matrix in memory). On one 80GB GPU,
+micro-batches of 64 rows ran fastest of 16, 32 and 64 (MFU: see README's
+results table; the sweep: docs/performance/gpu.md);
 --config.train.grad_accum_steps=8 makes the 480-row step 60-row
-micro-batches (not timed). --config.train.loss_chunk=128 makes
-the 50,304-wide logits 128 positions at a time instead of all at once: same
-loss and less memory, but on the H100 it was slower at both micro-batch
-sizes compared (16 and 32 rows: ~10% more FLOPs, and the scan's own cost;
-on several data-parallel devices it also reduces the embedding gradient once
-per chunk, see train/objectives.py); use it only where memory runs out.
+micro-batches. --config.train.loss_chunk=128 makes the 50,304-wide logits
+128 positions at a time instead of all at once: same loss and less memory,
+but slower on a GPU (it makes the logits twice, and the scan has its own
+cost; on several data-parallel devices it also reduces the embedding
+gradient once per chunk, see train/objectives.py); use it only where memory
+runs out.
 
 Data: `data.corpus='text'` reads data.files.train / data.files.val, one
 document per line, each followed by EOS, and tokenizes them in memory at
@@ -73,7 +74,7 @@ Hardware and expected result: one host with 8 x A100 40GB or better
 (nanoGPT's reference; multi-host via mesh.*). nanoGPT reaches val loss ~2.85
 on OpenWebText after 600k steps (~295B tokens, ~4 days on 8 x A100). Losses
 with our tokenizer are per SentencePiece token, so they compare with that
-number only roughly; the measured result goes in README.md.
+number only roughly; measured results: see README's results table.
 
 `:smoke` trains a 2-layer model for a few steps on Tiny Shakespeare (one
 line = one document) with a 512-piece BPE, on a CPU in seconds, through the

@@ -15,7 +15,7 @@ projections or LayerNorms (nanoGPT's train.py sets bias=False, which its
 LayerNorm class honours), dropout on residuals and attention weights
 alike. Dense kernels are Xavier-uniform rather than nanoGPT's N(0, 0.02)
 with the 1/sqrt(2 * layers) residual scaling: `--config.model.init=gpt2`
-gives nanoGPT's, which on `cpu` ends at val loss 1.910 against Xavier's 1.825.
+gives nanoGPT's (both results: docs/results.md).
 
 Optimizer, as nanoGPT's config/train_shakespeare_char.py on top of train.py:
 AdamW (0.9, 0.99), eps 1e-8, weight decay 0.1 on matrices only, global-norm
@@ -25,14 +25,14 @@ whole run, no label smoothing.
   cpu   nanoGPT's README "I only have a macbook" command: 4 layers, 4 heads,
         d_model 128, block 64, batch 12, 2000 steps, no dropout. On a CPU
         host it splits the CPU into 2 JAX devices (mesh.cpu_devices; the
-        batch is split across cores, with the same losses as one device):
-        about 1.5 minutes on 2 cores. Expected val loss <= 1.88 at step 2000
-        (nanoGPT: 1.88).
+        batch is split across cores, with the same losses as one device).
+        Target: nanoGPT's val loss 1.88 at step 2000; expected loss and
+        wall time: see README's results table.
   full  config/train_shakespeare_char.py: 6 layers, 6 heads, d_model 384,
-        block 256, batch 64, dropout 0.2, 5000 steps. One H100, bf16: 6.5
-        minutes with 21 evaluations and samples (nanoGPT: ~3 on an A100);
-        best val loss 1.465 at step 2750, then it overfits (nanoGPT's best:
-        1.4697).
+        block 256, batch 64, dropout 0.2, 5000 steps, for one GPU. Target:
+        nanoGPT's best val loss 1.4697; the val loss is lowest part-way
+        through and then the model overfits, hence an eval every 250 steps.
+        Expected loss and wall time: see README's results table.
         On GPUs add --config.model.dtype=bfloat16 (nanoGPT trains in bf16).
   smoke a tiny model for a few steps on the same data (seconds), through the
         same code path, for tests and notebooks.
@@ -42,7 +42,7 @@ random batches, we score the whole validation split in order (111k
 characters, cheap at both sizes), so the number is exact rather than an
 estimate; and its training rows start at random offsets, ours are the fixed
 blocks of data/pipeline.lm_train, shuffled every epoch (~1.5 epochs for
-`cpu`, ~80 for `full`). The measured results and wall times go in README.md.
+`cpu`, ~80 for `full`).
 
 Samples (at every eval, in samples.txt, and `transflax generate`) start from
 '\n' like nanoGPT's sample.py: 500 characters, temperature 0.8, top-k 200;

@@ -43,7 +43,7 @@ moments) of checkpoint space.
 Expected newstest2014 BLEU: the paper's 27.3 (base) and 28.4 (big) are
 tokenized BLEU with compound splitting; `transflax eval` reports sacreBLEU
 (detokenized, 13a), typically about 0.5-1 BLEU lower for the same
-translations. The measured values go in README.md's results table.
+translations. Measured results: see README's results table.
 
 `:smoke` is the base recipe shrunk to seconds on a laptop CPU: a tiny model,
 a few steps, on the local Multi30k files (WMT needs the network and ~1.4 GB
@@ -117,7 +117,7 @@ def get_config(arg: str | None = None):
     # Local files instead of WMT; everything else keeps the recipe's path
     # (BPE, packing, rsqrt, beam 4, checkpoint averaging).
     c.data.corpus = 'multi30k'
-    c.data.train_split = 'val'      # 1,014 pairs: the tokenizer trains in ~1 s
+    c.data.train_split = 'val'      # 1,014 pairs: the tokenizer trains in seconds
     c.data.eval_split = 'val'
     c.data.test_split = 'test_2016_flickr'
     c.data.max_length = 32

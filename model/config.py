@@ -68,8 +68,9 @@ class TransformerConfig:
   # Tied logits in bf16/f16 compute: True, the logits matmul writes float32
   # (accumulated in f32). False, it writes the compute dtype and the loss
   # upcasts, as PyTorch autocast (nanoGPT's bf16) and MaxText's default do:
-  # half the bytes for every pass over [tokens, vocab] (GPT-2 small, H100:
-  # MFU 38.5% -> 41.8%). The untied projection always writes the compute dtype.
+  # half the bytes for every pass over [tokens, vocab] (its effect on GPT-2
+  # small's MFU: docs/performance/gpu.md). The untied projection always
+  # writes the compute dtype.
   float32_logits: bool = True
   # Paper 3.4: embeddings multiplied by sqrt(d_model); initialised with std
   # d_model^-0.5 so the scaled inputs have unit variance. GPT-2: no scaling,

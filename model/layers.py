@@ -28,9 +28,9 @@ def matmul(x: Array, kernel: Array, contract: int = 1, *,
   summed over. Folding every token into one row axis before the dot, rather
   than handing XLA a [b, l, d] x [d, ...] dot_general, lets XLA:CPU pick
   layouts that avoid transposing the [tokens, mlp] activations in the
-  backward pass (the MLP's forward+backward runs 1.6x faster on CPU); on
-  GPUs both forms compile to the same GEMM. On CPU the weight gradient also
-  gets its own form (`_cpu_matmul`).
+  backward pass (measured in docs/performance/cpu.md); on GPUs both forms
+  compile to the same GEMM. On CPU the weight gradient also gets its own
+  form (`_cpu_matmul`).
   """
   lead = x.shape[:x.ndim - contract]
   in_shape, out_shape = kernel.shape[:contract], kernel.shape[contract:]
@@ -51,12 +51,12 @@ def f32_out_einsum(spec: str, a: Array, b: Array) -> Array:
 
   For bf16/f16 operands off CPU its backward runs in their dtype. Autodiff
   would hand the backward's two GEMMs the float32 cotangent and promote the
-  bf16 operands to match: for GPT-2 small's [tokens, 50,304] logits on an
-  H100 those ran as TF32 GEMMs, 32 of 180 ms a step; attention's score
-  GEMMs did the same. Casting the cotangent to the operands' dtype first,
-  as PyTorch's autocast does, keeps them bf16 GEMMs (which still
-  accumulate in float32). On CPU, and for other dtypes, it is plain
-  autodiff.
+  bf16 operands to match: for GPT-2 small's [tokens, 50,304] logits on a
+  GPU those ran as TF32 GEMMs, a large share of the step (profile in
+  docs/performance/gpu.md); attention's score GEMMs did the same. Casting
+  the cotangent to the operands' dtype first, as PyTorch's autocast does,
+  keeps them bf16 GEMMs (which still accumulate in float32). On CPU, and
+  for other dtypes, it is plain autodiff.
   """
   if (jax.default_backend() != 'cpu' and a.dtype == b.dtype
       and a.dtype in (jnp.bfloat16, jnp.float16)):
@@ -89,12 +89,11 @@ def _cpu_matmul(x: Array, w: Array, preferred_element_type) -> Array:
 
   Autodiff writes dw [k, m] as one dot contracting the token axis (axis 0)
   of both x [n, k] and the cotangent g [n, m]. XLA:CPU runs that as an Eigen
-  GEMM with a transposed operand, which on the MLP's shapes is 1.4-1.8x
-  slower than a plain one alone and 2.5x inside a train step. Transposing the
-  narrower of x and g first (a copy XLA fuses into the op that produces it)
-  makes it a plain GEMM: `shakespeare_char:cpu`'s train step goes from
-  37.2-37.5 to 34.6 ms. The values are autodiff's up to the order of the
-  float32 sums; dx is autodiff's own.
+  GEMM with a transposed operand, which on the MLP's shapes is slower than
+  a plain one. Transposing the narrower of x and g first (a copy XLA fuses
+  into the op that produces it) makes it a plain GEMM (the step times before
+  and after: docs/performance/cpu.md). The values are autodiff's up to the
+  order of the float32 sums; dx is autodiff's own.
   """
   return jnp.matmul(x, w, preferred_element_type=preferred_element_type)
 
@@ -133,8 +132,8 @@ def dropout(x: Array, rate: float, rng: Array) -> Array:
 
   jax.random.bernoulli spends a 32-bit word (and a float conversion) on each
   element; two 16-bit halves of one word halve the random-number work, which
-  on a CPU is most of dropout's cost (attention dropout masks [b, h, q, s]:
-  shakespeare_char:full step 10.8 s -> 9.9 s). An element is kept iff its
+  on a CPU is most of dropout's cost (attention dropout masks [b, h, q, s];
+  the step times: docs/performance/cpu.md). An element is kept iff its
   u16 < t = round((1 - rate) * 2^16) and scaled by 2^16 / t, so E[out] = x
   (exactly in float32; bf16 rounds the scale); the keep probability is off
   by < 2^-17 (0.8 -> 0.800003).

@@ -113,8 +113,8 @@ def normalise_eval(totals) -> dict[str, float]:
 
 
 # XLA:CPU hands dots to YNNPACK by default; for the float32 matmuls of a
-# training step its Eigen path is faster (shakespeare_char:full step 15.5 s ->
-# 11.5 s on 2 cores: batched attention matmuls run 2x faster). An empty
+# training step its Eigen path is faster, above all for the batched attention
+# matmuls (the step times: docs/performance/cpu.md). An empty
 # fusion-type list turns YNNPACK fusion off for one compilation.
 _CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
