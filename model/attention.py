@@ -69,7 +69,7 @@ def dot_product_attention(query: Array, key: Array, value: Array,
   `block` > 0: queries are taken `block` rows at a time, each block against
   the keys up to its last row only, so the upper triangle above the diagonal
   blocks is never computed (with n blocks, (n - 1) / 2n of the q x s work;
-  shakespeare_char:full's CPU step: 9.5 -> 8.6-9.0 s at block 64 of 256).
+  the measured gain is in docs/performance/cpu.md).
   Same result up to float rounding, except that attention dropout draws
   each block's mask from its own key (fold_in(dropout_rng, block index)).
   """
@@ -82,7 +82,8 @@ def dot_product_attention(query: Array, key: Array, value: Array,
   depth = query.shape[-1]
   query = query / jnp.sqrt(jnp.asarray(depth, query.dtype))
   # Heads-major [b, h, l, k] operands make both products plain batched
-  # matmuls; XLA:CPU runs them ~20% faster than the [b, l, h, k] einsums.
+  # matmuls, which XLA:CPU runs faster than the [b, l, h, k] einsums
+  # (docs/performance/cpu.md).
   heads_major = functools.partial(jnp.swapaxes, axis1=1, axis2=2)
   if not is_causal:
     return heads_major(_attend(heads_major(query), heads_major(key),
