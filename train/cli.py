@@ -103,7 +103,7 @@ flags.DEFINE_string('split', None, 'eval: split (default: the config\'s test '
 flags.DEFINE_string('prompt', None, 'generate: prompt text')
 flags.DEFINE_integer('max_new_tokens', None, 'generate, chat, judge: tokens '
                      'to sample (default: generate: the run\'s sample '
-                     'config; chat: 128; judge: 48)')
+                     'config; chat: 128, at most half the context; judge: 48)')
 flags.DEFINE_float('temperature', None, 'generate, chat, judge: 0 = greedy '
                    '(default: generate, chat: the run\'s sample config; '
                    'judge: 1)')
@@ -197,7 +197,8 @@ def _cmd_generate() -> None:
   if not hasattr(run.task, 'sample'):
     raise UserError(f'{FLAGS.workdir} holds a {run.config.task!r} run, which '
                     f'does not generate text; `transflax generate` needs a '
-                    f'decoder-only LM (task lm, sft or dpo)')
+                    f'decoder-only LM (task lm, sft, dpo, ppo or grpo, or an imported '
+                    f'model)')
   if FLAGS.chat and getattr(run.task, 'chat_template', None) is None:
     from data import chat
     template = chat.load_template(run.workdir, '', run.task.tokenizer,
@@ -267,7 +268,8 @@ def _cmd_chat() -> None:
                          system=FLAGS.system)
   s = model.run.config.get('sample') or {}
   chat.terminal(
-      model, max_new_tokens=FLAGS.max_new_tokens or 128,
+      model, max_new_tokens=(FLAGS.max_new_tokens
+                             or min(128, model.config.max_len // 2)),
       temperature=(s.get('temperature', 0.7) if FLAGS.temperature is None
                    else FLAGS.temperature),
       top_p=s.get('top_p', 1.0) if FLAGS.top_p is None else FLAGS.top_p,

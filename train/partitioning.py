@@ -139,9 +139,12 @@ def use_cpu_devices(n: int) -> None:
     jax.config.update('jax_num_cpu_devices', n)
   except RuntimeError:  # backends already initialised
     if jax.default_backend() == 'cpu' and jax.local_device_count() != n:
-      logging.warning('mesh.cpu_devices=%d ignored: JAX already runs with %d '
-                      'CPU devices (set it before the first JAX computation)',
-                      n, jax.local_device_count())
+      # Once: a second run loaded in the same process (a judge's reference,
+      # a DPO stage's sampler) would only repeat it.
+      logging.log_first_n(
+          logging.WARNING, 'mesh.cpu_devices=%d ignored: JAX already runs '
+          'with %d CPU devices (set it before the first JAX computation)', 1,
+          n, jax.local_device_count())
 
 
 def mesh_shape(data: int, fsdp: int, tensor: int,

@@ -119,9 +119,11 @@ def curves(runs: dict[str, list[dict[str, Any]]]):
         steps, values = _series(records, key)
         if steps:
           sparse = not key.startswith(('train/', 'rollout/'))
+          # A series of one point (a short run) is a marker, not nothing.
           ax.plot(steps, values, color=f'C{color % 10}',
                   linestyle='--' if sparse else '-',
-                  marker='o' if sparse else None, markersize=3,
+                  marker='o' if sparse or len(steps) == 1 else None,
+                  markersize=3,
                   label=f'{name} {key}')
     ax.set_title(title)
     ax.set_xlabel('step')
